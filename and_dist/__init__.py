@@ -1,0 +1,1 @@
+"""and_dist: distributed trainer for Unsupervised Deep Learning by Neighbourhood Discovery (AND)."""
