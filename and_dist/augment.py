@@ -1,0 +1,179 @@
+"""Batched augmentation on uint8 image tensors (CPU or GPU), matching the paper's torchvision pipeline.
+
+Why: per-sample PIL transforms are the bottleneck of small-image training. Here a whole batch is
+cropped/resized/flipped by one `grid_sample` call and colour-jittered with tensor ops.
+
+All random parameters are drawn on the CPU from the caller's generator for the *global* batch
+(`total` samples) and each call applies rows `offset .. offset+B`. Every rank of a distributed job
+draws the same parameters and applies its own slice, so the augmented global batch does not depend
+on the number of ranks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_LUMA = (0.299, 0.587, 0.114)
+_CROP_TRIES = 10
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1]."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+    return images.permute(0, 3, 1, 2).float().div_(255)
+
+
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luminance (B, 1, H, W) of float RGB (B, 3, H, W)."""
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """Batched RGB -> HSV, all channels in [0, 1] (float (B, 3, H, W))."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))     # grey pixels: hue 0, avoid 0/0
+    h = torch.where(maxc == r, (g - b) / d,
+                    torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    h = torch.where(delta > 0, torch.remainder(h / 6.0, 1.0), torch.zeros_like(h))
+    return torch.stack([h, s, maxc], 1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Batched HSV -> RGB, using the closed form c_n = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6."""
+    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h, 6.0)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0, 1)
+
+
+def _brightness(x, f):
+    return (x * f).clamp_(0, 1)
+
+
+def _contrast(x, f):
+    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def _saturation(x, f):
+    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+
+
+def _hue(x, f):
+    hsv = rgb_to_hsv(x)
+    hsv = torch.cat([torch.remainder(hsv[:, 0:1] + f, 1.0), hsv[:, 1:]], 1)
+    return hsv_to_rgb(hsv).clamp_(0, 1)
+
+
+_COLOUR_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+class TrainAugment:
+    """RandomResizedCrop -> ColorJitter -> RandomGrayscale -> RandomHorizontalFlip -> Normalize."""
+
+    def __init__(self, size: int, crop_scale=(0.2, 1.0), jitter: float = 0.4, grayscale_p: float = 0.2,
+                 flip: bool = True, mean=CIFAR_MEAN, std=CIFAR_STD, ratio=(3 / 4, 4 / 3)):
+        self.size, self.crop_scale, self.ratio = size, tuple(crop_scale), tuple(ratio)
+        self.jitter, self.grayscale_p, self.flip = float(jitter), float(grayscale_p), flip
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def draw(self, total: int, height: int, width: int, generator: torch.Generator) -> dict:
+        """All random parameters of `total` samples, drawn on the CPU (`generator` must be a CPU one)
+        in a fixed order, so they depend only on the generator state, `total` and the image size."""
+        g = generator
+        # RandomResizedCrop: 10 candidate (area, log-ratio) per sample, the first that fits wins.
+        area = height * width * torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(*self.crop_scale, generator=g)
+        log_r = torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
+            math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
+        pos = torch.rand(total, 2, dtype=torch.float64, generator=g)
+        j = self.jitter
+        factors = torch.empty(total, 4, dtype=torch.float64).uniform_(max(0.0, 1 - j), 1 + j, generator=g)
+        hue = torch.empty(total, dtype=torch.float64).uniform_(-min(j, 0.5), min(j, 0.5), generator=g)
+        order = torch.rand(total, 4, generator=g).argsort(1)            # per-sample order of the colour ops
+        gray = torch.rand(total, generator=g) < self.grayscale_p
+        flip = torch.rand(total, generator=g) < 0.5
+
+        w = torch.round(torch.sqrt(area * torch.exp(log_r)))
+        h = torch.round(torch.sqrt(area / torch.exp(log_r)))
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.to(torch.int8).argmax(1, keepdim=True)              # first fitting try (0 if none)
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        # Fallback like torchvision: centre crop of the whole image, ratio clamped to the range.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            fw, fh = round(height * self.ratio[1]), height
+        else:
+            fw, fh = width, height
+        none = ~ok.any(1)
+        w, h = torch.where(none, float(fw), w), torch.where(none, float(fh), h)
+        top = torch.where(none, (height - h) // 2, torch.floor(pos[:, 0] * (height - h + 1)))
+        left = torch.where(none, (width - w) // 2, torch.floor(pos[:, 1] * (width - w + 1)))
+        factors[:, 3] = hue
+        return dict(top=top, left=left, h=h, w=w, factors=factors, order=order, gray=gray,
+                    flip=flip & self.flip)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, offset: int = 0,
+                 total: int | None = None) -> torch.Tensor:
+        b, height, width, _ = images.shape
+        total = b if total is None else total
+        if offset < 0 or offset + b > total:
+            raise ValueError(f"rows {offset}..{offset + b} outside the {total} drawn parameters")
+        p = {k: v[offset:offset + b] for k, v in self.draw(total, height, width, generator).items()}
+        dev = images.device
+
+        # Crop + resize + flip as one affine map from output to input normalised coordinates
+        # (align_corners=False: the crop box's pixel edges map onto the output's edges).
+        sx = p["w"] / width * torch.where(p["flip"], -1.0, 1.0).double()
+        tx = (2 * p["left"] + p["w"]) / width - 1
+        sy = p["h"] / height
+        ty = (2 * p["top"] + p["h"]) / height - 1
+        zero = torch.zeros_like(sx)
+        theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+        grid = F.affine_grid(theta.float().to(dev), [b, 3, self.size, self.size], align_corners=False)
+        x = F.grid_sample(_to_float(images), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+        if self.jitter > 0:
+            factors = p["factors"].float().to(dev).view(b, 4, 1, 1, 1)
+            for step in range(4):                  # apply op order[:, step] to each sample
+                for op in range(4):
+                    idx = (p["order"][:, step] == op).nonzero()[:, 0]     # on the CPU: no device sync
+                    if len(idx):
+                        idx = idx.to(dev)
+                        x[idx] = _COLOUR_OPS[op](x[idx], factors[idx, op])
+        if p["gray"].any():
+            x = torch.where(p["gray"].to(dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
+        return _normalize(x, self.mean, self.std)
+
+
+class TestTransform:
+    """Deterministic eval transform: to float, resize (shorter side + centre crop) if needed, normalise."""
+
+    def __init__(self, size: int, mean=CIFAR_MEAN, std=CIFAR_STD):
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _to_float(images)
+        h, w = x.shape[-2:]
+        if (h, w) != (self.size, self.size):
+            scale = self.size / min(h, w)
+            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+            top, left = (nh - self.size) // 2, (nw - self.size) // 2
+            x = x[:, :, top:top + self.size, left:left + self.size]
+        return _normalize(x, self.mean, self.std)

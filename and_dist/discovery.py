@@ -1,0 +1,164 @@
+"""Neighbourhood discovery: each sample's softmax entropy over the whole bank and its k nearest
+neighbours (itself excluded), from one pass over blocks of bank similarities.
+
+Sharded: every rank holds one bank slice and computes the statistics of its own rows; the slices
+travel round a ring so each rank sees every slice once, holding at most two slices and one
+(chunk x slice) block of similarities. Entropy is accumulated with a fixed shift in
+float64, so the result does not depend on how the bank is cut into slices and chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from . import dist
+from .bank import ShardedBank
+
+
+@dataclass
+class Neighbourhood:
+    entropy: torch.Tensor      # (N,) float64, entropy of each row's softmax over the bank
+    neighbours: torch.Tensor   # (N, k) int64, nearest rows by cosine similarity, self excluded
+
+
+def anchor_count(round_: int, n: int, rate: float) -> int:
+    """Round r makes round(N x rate x r) samples anchors (capped at N)."""
+    return min(n, int(round(n * rate * round_)))
+
+
+def select_anchors(entropy: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the `count` lowest-entropy samples (ties broken by lower index)."""
+    order = torch.sort(entropy, stable=True).indices
+    mask = torch.zeros(len(entropy), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def consistency(anchor: torch.Tensor, neighbours: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of anchor-neighbour pairs with the same true label (a diagnostic, never trained on)."""
+    if not anchor.any():
+        return float("nan")
+    nbr = neighbours[anchor]
+    return (labels[nbr] == labels[anchor][:, None]).double().mean().item()
+
+
+class _Stats:
+    """Per-row accumulators: sum of exp(logit - 1/T), its logit-weighted sum, and a running top-k.
+
+    Rows are unit vectors, so every logit is at most 1/T (a row's own logit is exactly that):
+    1/T is a fixed, safe logsumexp shift. Unlike a running max it is the same however the bank is
+    cut into slices and chunks, so each term is computed identically and only the float64
+    summation order can differ.
+    """
+
+    def __init__(self, rows: int, k: int, temperature: float, device):
+        self.shift = 1.0 / temperature
+        self.s = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.t = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.top_v = torch.full((rows, k), float("-inf"), device=device)
+        self.top_i = torch.full((rows, k), -1, dtype=torch.long, device=device)
+
+    def add_logits(self, r: slice, logits: torch.Tensor) -> None:
+        e = torch.exp(logits - self.shift)
+        self.s[r] += e.sum(1, dtype=torch.float64)
+        self.t[r] += (e * logits).sum(1, dtype=torch.float64)
+
+    def add_candidates(self, r: slice, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Merge candidate neighbours into the running top-k; ties go to the lower index."""
+        v = torch.cat([self.top_v[r], values], 1)
+        i = torch.cat([self.top_i[r], index], 1)
+        by_index = torch.sort(i, dim=1, stable=True).indices
+        v, i = v.gather(1, by_index), i.gather(1, by_index)
+        best = torch.sort(v, dim=1, descending=True, stable=True).indices[:, : self.top_v.shape[1]]
+        self.top_v[r], self.top_i[r] = v.gather(1, best), i.gather(1, best)
+
+    def entropy(self) -> torch.Tensor:
+        """H = logsumexp(l) - sum_j p_j l_j."""
+        return self.shift + torch.log(self.s) - self.t / self.s
+
+
+def _block_candidates(sims: torch.Tensor, q_rows: torch.Tensor, slice_rows: torch.Tensor,
+                      k: int, precision: str):
+    """Top-k columns of a similarity block; in bf16 mode re-rank extra candidates in fp32."""
+    if precision == "bf16":
+        v, i = sims.float().topk(min(k + 8, sims.shape[1]), dim=1)
+        exact = torch.einsum("bd,bkd->bk", q_rows, slice_rows[i])
+        exact = torch.where(torch.isinf(v), v, exact)
+        v, j = exact.topk(min(k, exact.shape[1]), dim=1)
+        return v, i.gather(1, j)
+    return sims.topk(min(k, sims.shape[1]), dim=1)
+
+
+def _faiss_candidates(q_rows: torch.Tensor, slice_rows: torch.Tensor, k: int, q_lo: int, s_lo: int):
+    """Exact inner-product top-(k+1) from FAISS, then self removed (CPU, or GPU via knn_gpu)."""
+    import faiss
+    kk = min(k + 1, len(slice_rows))
+    if q_rows.is_cuda and hasattr(faiss, "knn_gpu"):
+        import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
+        res = faiss.StandardGpuResources()
+        v, i = faiss.knn_gpu(res, q_rows, slice_rows, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexFlatIP(slice_rows.shape[1])
+        index.add(slice_rows.float().cpu().numpy())
+        v, i = index.search(q_rows.float().cpu().numpy(), kk)
+        v, i = torch.from_numpy(v).to(q_rows.device), torch.from_numpy(i).to(q_rows.device)
+    i = i.long() + s_lo
+    is_self = i == (q_lo + torch.arange(len(q_rows), device=i.device))[:, None]
+    v = torch.where(is_self, torch.tensor(float("-inf"), device=v.device), v)
+    return v, i
+
+
+def _ring_slices(bank: ShardedBank):
+    """Yield (lo, rows) for every bank slice, passing slices round the ranks."""
+    rank, world = dist.rank_world()
+    current, owner = bank.rows.contiguous(), rank
+    for step in range(world):
+        lo = dist.shard_range(bank.n, world, owner)[0]
+        yield lo, current
+        if step == world - 1:
+            break
+        nxt_owner = (owner - 1) % world
+        nxt = torch.empty(bank.sizes[nxt_owner], bank.dim, dtype=current.dtype, device=current.device)
+        ops = [tdist.P2POp(tdist.isend, current, (rank + 1) % world),
+               tdist.P2POp(tdist.irecv, nxt, (rank - 1) % world)]
+        for req in tdist.batch_isend_irecv(ops):
+            req.wait()
+        current, owner = nxt, nxt_owner
+
+
+@torch.no_grad()
+def discover(bank: ShardedBank, k: int = 1, chunk: int = 2048, backend: str = "torch",
+             precision: str = "fp32", progress=None) -> Neighbourhood:
+    """Entropy and k nearest neighbours of every bank row; the result is replicated on all ranks.
+
+    progress: optional callable(n_done) advanced once per finished row chunk (rank 0 shows a bar).
+    """
+    own = bank.rows
+    n_own = len(own)
+    T = bank.temperature
+    stats = _Stats(n_own, k, T, own.device)
+    mm_dtype = torch.bfloat16 if precision == "bf16" else own.dtype
+    for s_lo, srows in _ring_slices(bank):
+        srows_mm = srows.to(mm_dtype)
+        for a in range(0, n_own, chunk):
+            r = slice(a, min(a + chunk, n_own))
+            q = own[r]
+            sims = q.to(mm_dtype) @ srows_mm.T                            # (c, n_slice)
+            stats.add_logits(r, sims.float() / T)
+            if backend == "faiss":
+                v, i = _faiss_candidates(q, srows, k, bank.lo + a, s_lo)
+            else:
+                # Exclude each row's own column from its neighbours (not from its entropy).
+                self_col = bank.lo + torch.arange(r.start, r.stop, device=own.device) - s_lo
+                inside = (self_col >= 0) & (self_col < len(srows))
+                sims[inside.nonzero()[:, 0], self_col[inside]] = float("-inf")
+                v, i = _block_candidates(sims, q, srows, k, precision)
+                i = i + s_lo
+            stats.add_candidates(r, v.float(), i)
+            if progress is not None:
+                progress(r.stop - r.start)
+    entropy = dist.all_gather_rows(stats.entropy(), bank.sizes)
+    neighbours = dist.all_gather_rows(stats.top_i, bank.sizes)
+    return Neighbourhood(entropy.cpu(), neighbours.cpu())
