@@ -44,14 +44,14 @@ class ImageSet:
 
 def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None, download: bool = False,
                   workers: int = 2, demo_train: int = 5000, demo_test: int = 1000, demo_seed: int = 0,
-                  log=print) -> tuple[ImageSet, ImageSet]:
+                  log=print, progress: bool = True) -> tuple[ImageSet, ImageSet]:
     """Return (train, test) for `source` in demo | imagefolder | cifar10 | cifar100 | svhn."""
     if source == "demo":
         from .demo_data import make_demo
         return make_demo(demo_train, demo_test, demo_seed, image_size)
     if source == "imagefolder":
         train_classes = _class_folders(os.path.join(root, "train"))
-        return tuple(_load_imagefolder(root, split, train_classes, image_size, cache_dir, workers, log)
+        return tuple(_load_imagefolder(root, split, train_classes, image_size, cache_dir, workers, log, progress)
                      for split in ("train", "test"))
     if source in ("cifar10", "cifar100", "svhn"):
         if download:
@@ -132,7 +132,7 @@ def _decode(path: str, size: int) -> np.ndarray:
 
 
 def _load_imagefolder(root: str, split: str, classes: list[str], image_size: int, cache_dir: str | None,
-                      workers: int, log) -> ImageSet:
+                      workers: int, log, progress: bool = True) -> ImageSet:
     split_dir = os.path.join(root, split)
     extra = sorted(set(_class_folders(split_dir)) - set(classes))
     if extra:
@@ -160,7 +160,7 @@ def _load_imagefolder(root: str, split: str, classes: list[str], image_size: int
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         errors = list(tqdm(pool.map(work, range(len(paths))), total=len(paths),
-                           desc=f"decode {split}", unit="img", leave=False))
+                           desc=f"decode {split}", unit="img", leave=False, disable=not progress))
     skipped = [(paths[i], err) for i, err in enumerate(errors) if err is not None]
     for path, reason in skipped:
         log(f"skipping unreadable image {path}: {reason}")

@@ -17,8 +17,10 @@ CLASSES = ["disc", "square", "triangle", "plus", "ring",
 
 _SS = 2          # supersampling: masks are drawn hard at 2x resolution, then averaged (anti-aliasing)
 _CHUNK = 500     # images rendered at once (bounds memory)
-_N_BLOBS = 4     # clutter discs per image
-_N_LINES = 3     # clutter line segments per image
+_N_BLOBS = 2     # clutter discs per image
+_N_LINES = 2     # clutter line segments per image
+_PALETTE = np.array([[0.9, 0.15, 0.1], [0.1, 0.6, 0.2], [0.15, 0.3, 0.9], [0.95, 0.85, 0.2],
+                     [0.6, 0.2, 0.7], [0.1, 0.75, 0.8], [0.95, 0.95, 0.95], [0.1, 0.1, 0.1]])
 
 
 def _shape_mask(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -56,26 +58,27 @@ def _draw_params(rng: np.random.RandomState, n_train: int, n_test: int, size: in
     Labels are balanced within each split (round robin, then shuffled)."""
     n, p = n_train + n_test, {}
     p["label"] = np.concatenate([rng.permutation(np.arange(m) % len(CLASSES)) for m in (n_train, n_test)])
-    p["r"] = rng.uniform(0.22, 0.4, n) * size                     # object radius in pixels
+    p["r"] = rng.uniform(0.3, 0.45, n) * size                     # object radius in pixels
     p["cx"] = rng.uniform(p["r"], size - p["r"])
     p["cy"] = rng.uniform(p["r"], size - p["r"])
     p["angle"] = np.deg2rad(rng.uniform(-15, 15, n))
-    p["bg0"], p["bg1"] = rng.rand(n, 3), rng.rand(n, 3)            # background gradient end colours
+    # Colours come from a small palette: they vary across images independently of the class, but
+    # are shared by many images of every class, so they cannot tell one image from all others
+    # (instance discrimination then has to look at shape, position and scale).
+    bg = rng.randint(0, len(_PALETTE), n)
+    fg = (bg + rng.randint(1, len(_PALETTE), n)) % len(_PALETTE)   # never the background's colour
+    shade = rng.uniform(0.8, 1.0, (n, 1))
+    p["bg0"] = _PALETTE[bg] * shade
+    p["bg1"] = _PALETTE[bg] * shade * 0.75                          # gentle gradient
     p["bg_dir"] = rng.uniform(0, 2 * np.pi, n)
-    fg = rng.rand(n, 3)
-    mean_bg = (p["bg0"] + p["bg1"]) / 2
-    low = np.linalg.norm(fg - mean_bg, axis=1) < 0.5               # keep the object visible
-    while low.any():
-        fg[low] = rng.rand(low.sum(), 3)
-        low = np.linalg.norm(fg - mean_bg, axis=1) < 0.5
-    p["fg"] = fg
+    p["fg"] = _PALETTE[fg]
     p["blob_xy"] = rng.uniform(0, size, (n, _N_BLOBS, 2))
-    p["blob_r"] = rng.uniform(1.5, 4.0, (n, _N_BLOBS)) * size / 32
-    p["blob_rgb"] = rng.rand(n, _N_BLOBS, 3)
+    p["blob_r"] = rng.uniform(1.0, 3.0, (n, _N_BLOBS)) * size / 32
+    p["blob_rgb"] = _PALETTE[rng.randint(0, len(_PALETTE), (n, _N_BLOBS))]
     p["line_a"] = rng.uniform(0, size, (n, _N_LINES, 2))
     p["line_b"] = rng.uniform(0, size, (n, _N_LINES, 2))
     p["line_w"] = rng.uniform(0.4, 0.8, (n, _N_LINES)) * size / 32  # half width
-    p["line_rgb"] = rng.rand(n, _N_LINES, 3)
+    p["line_rgb"] = _PALETTE[rng.randint(0, len(_PALETTE), (n, _N_LINES))]
     p["noise_seed"] = rng.randint(0, 2**31 - 1)
     return p
 

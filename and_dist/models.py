@@ -183,6 +183,10 @@ class SmallConvNet(nn.Module):
     ``norm="group"`` uses GroupNorm so a sample's output does not depend on
     the rest of the batch -- needed to check that N-rank training equals
     single-process training exactly.
+
+    Weights and activations are channels-last: on CPU (oneDNN) this cuts a
+    forward+backward of 128x3x32x32 from ~75 ms to ~50 ms on 2 cores, since
+    the elementwise BN/ReLU/pool passes, not the convs, dominate at this size.
     """
 
     widths = (32, 64, 128, 128)
@@ -203,8 +207,10 @@ class SmallConvNet(nn.Module):
         )  # fmt: skip
         self.feat_dim = c4
         _init_weights(self)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         return torch.flatten(self.features(x), 1)
 
 

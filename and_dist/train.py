@@ -125,12 +125,13 @@ class Trainer:
         cache = d.cache_dir or str(self.dir.parent / ".cache")
         kwargs = dict(source=d.source, root=d.root, image_size=d.image_size, cache_dir=cache,
                       download=d.download, workers=d.workers, demo_train=d.demo_train,
-                      demo_test=d.demo_test, demo_seed=d.demo_seed, log=self.log.info)
+                      demo_test=d.demo_test, demo_seed=d.demo_seed, log=self.log.info,
+                      progress=self.log.progress)
         if self.env.is_main:  # rank 0 decodes and fills the cache first; the others read it
             sets = load_datasets(**kwargs)
         dist.barrier()
         if not self.env.is_main:
-            sets = load_datasets(**{**kwargs, "log": lambda *_: None})
+            sets = load_datasets(**{**kwargs, "log": lambda *_: None, "progress": False})
         return sets
 
     def _resume(self) -> None:

@@ -1,0 +1,227 @@
+"""Memory-bank step: our sharded bank against a replicated bank, per-step time and per-rank memory.
+
+What is measured: one training step of the bank part only (no CNN): features are random unit
+vectors with requires_grad, global batch 256 split over W gloo processes, dim 128, positives
+from a fixed random 25% anchor set with k = 1 random neighbours (the same for both methods).
+
+  sharded     ours: ShardedBank (rank r holds N/W rows) + positive_sets + and_loss (exact
+              distributed logsumexp over the N-way softmax) + backward + bank.update.
+  replicated  the VISSL / MoCo-style baseline written below (`ReplicatedBank`): every rank holds
+              all N rows, computes logits = feats @ bank.T / T for its own queries, loss =
+              -log sum_{j in P(i)} softmax_ij with plain autograd, backward, then all-gathers
+              features + indices and applies every update of the global batch to its full copy.
+
+Each (W, N, method) is a fresh `torchrun --nproc_per_node=W` job (OMP_NUM_THREADS=1, one
+thread per rank) so that peak-memory figures do not leak between configurations. Workers run
+2 warm-up steps, then time --steps steps between barriers (reported: slowest rank's mean
+ms/step). Memory per rank: the bank tensor's bytes (exact), and the peak RSS delta = the
+process's peak resident memory during the steps minus its RSS before the bank was allocated
+(ru_maxrss; the high-water mark is reset after building the bank via /proc/self/clear_refs so
+that one-off initialisation temporaries are not counted; max over ranks). The N-sized anchor mask and
+neighbour table, which both methods keep on every rank, are allocated before the baseline.
+|dloss| is the difference of the step-0 mean loss between the two methods (same bank, same
+batch): a check that the baseline computes the same objective.
+
+Rank 0 of each job appends one JSON line to --results; the parent prints the table with the
+ratios replicated / sharded measured in this run.
+
+Run:  .venv/bin/python benchmarks/bank_step.py --sizes 100000 500000 --worlds 1 2
+      .venv/bin/python benchmarks/bank_step.py                        # N 100k, 500k, 1.28M; W 1, 2, 4
+      .venv/bin/python benchmarks/bank_step.py --sizes 20000 --worlds 1 2 --steps 3   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MiB = 2 ** 20
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------- worker
+
+def worker(args) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from and_dist import dist
+    from and_dist.bank import INIT_BLOCK, ShardedBank, and_loss, positive_sets
+
+    env = dist.init("cpu")
+    torch.set_num_threads(1)
+    n, D, GB, T, m = args.rows, args.dim, args.batch, 0.1, 0.5
+    sizes = [b - a for a, b in (dist.shard_range(GB, env.world, r) for r in range(env.world))]
+    offset, b = sum(sizes[:env.rank]), sizes[env.rank]
+    steps = args.warmup + args.steps
+
+    g = torch.Generator().manual_seed(1)
+    anchor = torch.rand(n, generator=g) < 0.25
+    neighbours = torch.randint(0, n, (n, 1), generator=g)
+    batches = torch.randperm(n, generator=g)[: GB * steps].view(steps, GB)
+    feats_all = [F.normalize(torch.randn(GB, D, generator=g), dim=1) for _ in range(steps)]
+
+    class ReplicatedBank:
+        """Every rank holds all N rows (same values as ShardedBank) and applies every update."""
+
+        def __init__(self):
+            self.rows = torch.empty(n, D)
+            for start in range(0, n, INIT_BLOCK):  # ShardedBank's seeded blocks, filled in place
+                gb = torch.Generator().manual_seed(0 * 1_000_003 + start // INIT_BLOCK)
+                blk = torch.randn(min(INIT_BLOCK, n - start), D, generator=gb)
+                self.rows[start: start + len(blk)] = F.normalize(blk, dim=1)
+
+        def step(self, feats, idx):
+            positives = positive_sets(idx, anchor, neighbours)          # (b, 1 + k), -1 padded
+            logp = (feats @ self.rows.T / T).log_softmax(1)
+            pos = logp.gather(1, positives.clamp(min=0)).masked_fill(positives < 0, float("-inf"))
+            losses = -pos.logsumexp(1)
+            (losses.sum() * env.world / GB).backward()
+            with torch.no_grad():
+                all_f = dist.all_gather_rows(feats.detach(), sizes)
+                all_i = dist.all_gather_rows(idx, sizes)
+                mixed = m * self.rows[all_i] + (1 - m) * all_f
+                self.rows[all_i] = F.normalize(mixed, dim=1)
+            return dist.all_reduce(losses.detach().sum()) / GB
+
+    base = peak_rss()
+    if args.method == "sharded":
+        bank = ShardedBank(n, D, temperature=T, momentum=m, seed=0)
+
+        def step(feats, idx_all):
+            positives = positive_sets(idx_all, anchor, neighbours)
+            objective, losses, all_feats = and_loss(feats, positives, bank, sizes)
+            objective.backward()
+            bank.update(idx_all, all_feats)
+            return losses.mean()
+    else:
+        bank = ReplicatedBank()
+
+        def step(feats, idx_all):
+            return bank.step(feats, idx_all[offset: offset + b])
+    reset = reset_peak_rss()
+
+    def run(s):
+        feats = feats_all[s][offset: offset + b].clone().requires_grad_()
+        return float(step(feats, batches[s]))
+
+    loss0 = run(0)
+    for s in range(1, args.warmup):
+        run(s)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for s in range(args.warmup, steps):
+        run(s)
+    dist.barrier()
+    ms = (time.perf_counter() - t0) / args.steps * 1e3
+
+    stats = torch.tensor([ms, bank.rows.numel() * bank.rows.element_size(), peak_rss() - base],
+                         dtype=torch.float64)
+    dist.all_reduce(stats, "max")
+    if env.is_main:
+        with open(args.results, "a") as f:
+            f.write(json.dumps({"n": n, "world": env.world, "method": args.method, "ms": stats[0].item(),
+                                "bank_bytes": int(stats[1]), "peak_rss_delta": int(stats[2]),
+                                "loss0": loss0, "hwm_reset": reset}) + "\n")
+    dist.shutdown()
+
+
+# ----------------------------------------------------------------------------------- parent
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, world: int, n: int, method: str, results: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+           f"--master_port={free_port()}", __file__, "--worker", "--rows", str(n), "--method", method,
+           "--dim", str(args.dim), "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--results", results]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        sys.exit(f"worker failed (W={world} N={n} {method}):\n{proc.stdout}")
+
+
+def parent(args) -> None:
+    cores = os.cpu_count() or 1
+    results = args.results or tempfile.mktemp(suffix=".jsonl", prefix="bank_step-")
+    print(f"global batch {args.batch}, dim {args.dim}, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"1 thread per rank, {cores} CPU cores; results in {results}", flush=True)
+    if max(args.worlds) > cores:
+        print(f"WARNING: timings at W > {cores} (cores) measure oversubscription of the CPU, not "
+              f"scaling; memory figures are still exact.", flush=True)
+    rows = {}
+    for n in args.sizes:
+        for world in args.worlds:
+            for method in ("sharded", "replicated"):
+                t0 = time.time()
+                launch(args, world, n, method, results)
+                with open(results) as f:
+                    rec = json.loads(f.readlines()[-1])
+                rows[n, world, method] = rec
+                print(f"  ran N={n} W={world} {method} in {time.time() - t0:.0f}s", flush=True)
+    head = (f"{'N':>8} {'W':>2} {'shard ms':>9} {'repl ms':>9} {'repl/shard':>10} "
+            f"{'shard bank MiB':>14} {'repl bank MiB':>13} {'repl/shard':>10} "
+            f"{'shard peakRSS MiB':>17} {'repl peakRSS MiB':>16} {'repl/shard':>10} {'|dloss|':>8}")
+    print(head)
+    print("-" * len(head))
+    for n in args.sizes:
+        for world in args.worlds:
+            s, r = rows[n, world, "sharded"], rows[n, world, "replicated"]
+            print(f"{n:>8} {world:>2} {s['ms']:>9.1f} {r['ms']:>9.1f} {r['ms'] / s['ms']:>10.2f} "
+                  f"{s['bank_bytes'] / MiB:>14.1f} {r['bank_bytes'] / MiB:>13.1f} "
+                  f"{r['bank_bytes'] / s['bank_bytes']:>10.2f} "
+                  f"{s['peak_rss_delta'] / MiB:>17.1f} {r['peak_rss_delta'] / MiB:>16.1f} "
+                  f"{r['peak_rss_delta'] / max(s['peak_rss_delta'], 1):>10.2f} "
+                  f"{abs(s['loss0'] - r['loss0']):>8.1e}")
+    print("ms = mean per timed step, slowest rank; bank MiB = bank tensor bytes per rank (exact); "
+          "peakRSS = peak RSS delta per rank during the steps over the RSS before the bank was "
+          "allocated (max over ranks).")
+    if not all(rec["hwm_reset"] for rec in rows.values()):
+        print("note: /proc/self/clear_refs unavailable, so peak RSS includes bank initialisation.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 500_000, 1_281_167])
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--results", default=None, help="JSON-lines file (default: a temp file)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=("sharded", "replicated"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    worker(args) if args.worker else parent(args)
+
+
+if __name__ == "__main__":
+    main()

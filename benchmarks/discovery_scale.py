@@ -1,0 +1,193 @@
+"""Sharded neighbourhood discovery at scale: seconds and per-rank memory of `discover()`.
+
+What is measured: `discover(bank, k=1, chunk, backend, precision)` on a random unit-vector
+ShardedBank (dim 128, T = 0.1) for each N in --sizes, W in --worlds (gloo processes under
+torchrun, --threads per rank, default cores // W so every W uses the same cores) and each of
+torch/fp32, faiss/fp32, torch/bf16. Each configuration is a fresh torchrun job, so peak-memory
+figures do not leak between them. Reported per configuration: seconds (slowest rank, after an
+untimed warm-up on a small bank), bank MiB per rank (exact tensor bytes), peak RSS delta per
+rank (peak resident memory during discovery minus RSS before the bank was allocated; the
+high-water mark is reset after building the bank via /proc/self/clear_refs; max over ranks),
+and the ratios faiss/torch and bf16/fp32 (seconds and peak RSS) at the same N and W, all from
+this run.
+
+Full discovery is N^2 x dim multiply-adds plus an exp over every similarity (1.28M: ~2e14 flop),
+far too slow on a small CPU. So by default each rank stops after --max-rows of its own rows
+(default 8192, i.e. 4 chunks of 2048) against the first bank slice, and the seconds are
+extrapolated linearly to all N/W rows x W slices (the work per row chunk is the same for
+every chunk); the table marks such rows "extrap". The peak memory of one chunk block is
+reached in the first chunk, so peak RSS is measured, not extrapolated (it misses only the
+second bank slice a rank holds during the ring pass, N/W x dim x 4 bytes). Use --max-rows 0
+for complete runs. The similarity block is chunk x N/W; at N = 1.28M lower --chunk (e.g. 256)
+or it needs tens of GB per rank.
+
+Run:  .venv/bin/python benchmarks/discovery_scale.py --sizes 100000 --worlds 1 2      # minutes
+      .venv/bin/python benchmarks/discovery_scale.py --sizes 20000 --worlds 1 2 --max-rows 2048  # quick
+      full (hours on 2 cores): .venv/bin/python benchmarks/discovery_scale.py \\
+          --sizes 100000 500000 1281167 --worlds 1 2 --max-rows 0 --chunk 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MiB = 2 ** 20
+CONFIGS = [("torch", "fp32"), ("faiss", "fp32"), ("torch", "bf16")]
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Stop(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------- worker
+
+def worker(args) -> None:
+    import torch
+
+    from and_dist import dist
+    from and_dist.bank import ShardedBank
+    from and_dist.discovery import discover
+
+    env = dist.init("cpu")
+    torch.set_num_threads(args.threads)
+    discover(ShardedBank(4000, args.dim, seed=1), k=1, chunk=args.chunk,      # warm-up, untimed
+             backend=args.backend, precision=args.precision)
+
+    base = peak_rss()
+    bank = ShardedBank(args.rows, args.dim, temperature=0.1, seed=0)
+    reset = reset_peak_rss()
+    # Stop early only inside the first slice, where every rank does the same number of chunks.
+    cap = args.max_rows if 0 < args.max_rows < min(bank.sizes) else None
+    done = 0
+
+    def progress(rows):
+        nonlocal done
+        done += rows
+        if cap is not None and done >= cap:
+            raise _Stop
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    try:
+        discover(bank, k=1, chunk=args.chunk, backend=args.backend, precision=args.precision,
+                 progress=progress)
+    except _Stop:
+        pass
+    seconds = time.perf_counter() - t0
+    if cap is not None:
+        seconds *= len(bank.rows) * env.world / done            # own rows x every slice
+    stats = torch.tensor([seconds, bank.rows.numel() * bank.rows.element_size(), peak_rss() - base],
+                         dtype=torch.float64)
+    dist.all_reduce(stats, "max")
+    if env.is_main:
+        with open(args.results, "a") as f:
+            f.write(json.dumps({"n": args.rows, "world": env.world, "backend": args.backend,
+                                "precision": args.precision, "seconds": stats[0].item(),
+                                "bank_bytes": int(stats[1]), "peak_rss_delta": int(stats[2]),
+                                "extrapolated_from_rows": done if cap is not None else None,
+                                "threads": args.threads, "hwm_reset": reset}) + "\n")
+    dist.shutdown()
+
+
+# ----------------------------------------------------------------------------------- parent
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, world: int, n: int, backend: str, precision: str, threads: int, results: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+           f"--master_port={free_port()}", __file__, "--worker", "--rows", str(n),
+           "--backend", backend, "--precision", precision, "--chunk", str(args.chunk),
+           "--dim", str(args.dim), "--max-rows", str(args.max_rows), "--threads", str(threads),
+           "--results", results]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        sys.exit(f"worker failed (W={world} N={n} {backend}/{precision}):\n{proc.stdout}")
+    with open(results) as f:
+        return json.loads(f.readlines()[-1])
+
+
+def parent(args) -> None:
+    cores = os.cpu_count() or 1
+    results = args.results or tempfile.mktemp(suffix=".jsonl", prefix="discovery_scale-")
+    print(f"dim {args.dim}, k=1, chunk {args.chunk}, {cores} CPU cores, "
+          f"max-rows {args.max_rows or 'all'}; results in {results}", flush=True)
+    rows = {}
+    for n in args.sizes:
+        for world in args.worlds:
+            threads = args.threads or max(1, cores // world)
+            for backend, precision in CONFIGS:
+                t0 = time.time()
+                rows[n, world, backend, precision] = launch(args, world, n, backend, precision, threads, results)
+                print(f"  ran N={n} W={world} {backend}/{precision} in {time.time() - t0:.0f}s", flush=True)
+    head = (f"{'N':>8} {'W':>2} {'thr':>3} {'config':<12} {'seconds':>9} {'timing':<7} "
+            f"{'bank MiB/rank':>13} {'peakRSS MiB':>11} {'s/torch-fp32':>12} {'RSS/torch-fp32':>14}")
+    print(head)
+    print("-" * len(head))
+    for n in args.sizes:
+        for world in args.worlds:
+            ref = rows[n, world, "torch", "fp32"]
+            for backend, precision in CONFIGS:
+                r = rows[n, world, backend, precision]
+                how = "extrap" if r["extrapolated_from_rows"] else "full"
+                print(f"{n:>8} {world:>2} {r['threads']:>3} {backend + '/' + precision:<12} "
+                      f"{r['seconds']:>9.1f} {how:<7} {r['bank_bytes'] / MiB:>13.1f} "
+                      f"{r['peak_rss_delta'] / MiB:>11.1f} {r['seconds'] / ref['seconds']:>12.2f} "
+                      f"{r['peak_rss_delta'] / max(ref['peak_rss_delta'], 1):>14.2f}")
+    print("ratios: faiss/fp32 row = faiss/torch, torch/bf16 row = bf16/fp32, at the same N and W.")
+    print("seconds: slowest rank; extrap = timed on the first --max-rows rows per rank and "
+          "scaled linearly to the full pass. peakRSS = peak RSS delta per rank over the RSS "
+          "before the bank was allocated (max over ranks).")
+    if not all(r["hwm_reset"] for r in rows.values()):
+        print("note: /proc/self/clear_refs unavailable, so peak RSS includes bank initialisation.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--max-rows", type=int, default=8192,
+                    help="rows per rank to time before extrapolating; 0 = full discovery")
+    ap.add_argument("--threads", type=int, default=0, help="threads per rank (default cores // W)")
+    ap.add_argument("--results", default=None, help="JSON-lines file (default: a temp file)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--backend", choices=("torch", "faiss"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    worker(args) if args.worker else parent(args)
+
+
+if __name__ == "__main__":
+    main()

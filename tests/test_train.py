@@ -1,0 +1,80 @@
+"""The trainer end to end on the embedded demo set, at a reduced budget, plus its CLI contract."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from and_dist.config import load_config
+from and_dist.train import global_batches, lr_at
+
+REPO = Path(__file__).parent.parent
+
+
+def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "and_dist.train", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                                                      "OMP_NUM_THREADS": "1", "HOME": "/tmp"})
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_train("--config", "demo", f"out_dir={out}", "name=small", "data.demo_train=500",
+                     "data.demo_test=200", "curriculum.rounds=3", "train.epochs_per_round=2",
+                     "eval.knn_k=20", "log.wandb_mode=offline", "train.threads=1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out / "small", proc.stdout
+
+
+def test_demo_prints_the_round_table(demo_run):
+    run, stdout = demo_run
+    table = stdout[stdout.rindex("round  anchors  consistency  kNN top-1"):].splitlines()
+    assert [line.split()[:2] for line in table[1:4]] == [["0", "0"], ["1", "125"], ["2", "250"]]
+    assert "final kNN" in stdout and "picked on the test set" in stdout
+
+
+def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_run):
+    run, _ = demo_run
+    assert load_config(str(run / "config.yaml"), []).curriculum.rounds == 3
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert {"step", "epoch", "knn", "discovery", "round", "final"} <= kinds
+    steps = [e for e in events if e["event"] == "step"]
+    assert len(steps) == 3 * 2 * 3 and all({"round", "epoch", "step", "loss", "lr"} <= e.keys() for e in steps)
+    disc = [e for e in events if e["event"] == "discovery"]
+    assert [e["anchors"] for e in disc] == [125, 250] and all(0 <= e["consistency"] <= 1 for e in disc)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 <= summary["final_knn_top1"] <= 100 and "test set" in summary["best_note"]
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "r2-end" and (run / "checkpoints" / latest / "state.pt").exists()
+    assert any((run / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train.epochs_per_rnd=2"], "did you mean 'train.epochs_per_round'"),
+    (["train.batch_size=abc"], "expects int"),
+    (["data.source=imagefolder", "data.root=/nonexistent/imagenet"], "data.root"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle):
+    proc = run_train("--config", "demo", *args, timeout=60)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_step_schedule_restarts_every_round():
+    cfg = load_config("cifar10_resnet18", ["data.source=demo"])
+    assert [lr_at(cfg, e) for e in (0, 79, 80, 119, 120, 160)] == pytest.approx(
+        [0.03, 0.03, 0.003, 0.003, 0.0003, 0.00003])
+    cfg = load_config("demo", ["train.schedule=cosine", "train.epochs_per_round=10"])
+    assert lr_at(cfg, 0) == pytest.approx(cfg.train.lr) and lr_at(cfg, 5) == pytest.approx(cfg.train.lr / 2)
+
+
+def test_global_batches_cover_every_sample_once_and_depend_only_on_seed_round_epoch():
+    a = global_batches(1000, 128, 3, seed=0, round_=1, epoch=2)
+    assert sorted(int(i) for b in a for i in b) == list(range(1000))
+    assert all(x.equal(y) for x, y in zip(a, global_batches(1000, 128, 1, 0, 1, 2)))
+    assert not a[0].equal(global_batches(1000, 128, 3, 0, 1, 3)[0])
