@@ -116,7 +116,6 @@ class EvalConfig:
     knn_k: int = opt(200, check=AT_LEAST_ONE)
     knn_sigma: float = opt(0.1, check=POSITIVE)
     every_epochs: int = opt(1, check=NON_NEGATIVE)  # 0 = never per epoch
-    final: bool = True
 
 
 @dataclass
@@ -329,10 +328,17 @@ def _check_data_root(data: DataConfig) -> None:
                           f"(expected {what} for data.source={data.source}{or_download})")
 
 
+MAX_CACHED_SIZE = 96  # beyond this a decoded uint8 copy of a large data set no longer fits in memory
+
+
 def validate(cfg: Config) -> None:
     """Check types, choices, ranges, the data root and the resume path; raise ConfigError."""
     _check_fields(cfg)
     _check_data_root(cfg.data)
+    if cfg.data.image_size > MAX_CACHED_SIZE:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: the in-memory uint8 loader is for "
+                          f"images up to {MAX_CACHED_SIZE} px; full-size ImageNet needs the streaming "
+                          "DALI reader, which is not built yet")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"config key 'name' must be a plain folder name; got {cfg.name!r}")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).expanduser().exists():

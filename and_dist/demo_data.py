@@ -18,7 +18,7 @@ CLASSES = ["disc", "square", "triangle", "plus", "ring",
 _SS = 2          # supersampling: masks are drawn hard at 2x resolution, then averaged (anti-aliasing)
 _CHUNK = 500     # images rendered at once (bounds memory)
 _N_BLOBS = 2     # clutter discs per image
-_N_LINES = 2     # clutter line segments per image
+_N_LINES = 0     # clutter line segments per image (lines look like parts of the bar classes)
 _PALETTE = np.array([[0.9, 0.15, 0.1], [0.1, 0.6, 0.2], [0.15, 0.3, 0.9], [0.95, 0.85, 0.2],
                      [0.6, 0.2, 0.7], [0.1, 0.75, 0.8], [0.95, 0.95, 0.95], [0.1, 0.1, 0.1]])
 
@@ -58,7 +58,7 @@ def _draw_params(rng: np.random.RandomState, n_train: int, n_test: int, size: in
     Labels are balanced within each split (round robin, then shuffled)."""
     n, p = n_train + n_test, {}
     p["label"] = np.concatenate([rng.permutation(np.arange(m) % len(CLASSES)) for m in (n_train, n_test)])
-    p["r"] = rng.uniform(0.3, 0.45, n) * size                     # object radius in pixels
+    p["r"] = rng.uniform(0.22, 0.45, n) * size                    # object radius in pixels
     p["cx"] = rng.uniform(p["r"], size - p["r"])
     p["cy"] = rng.uniform(p["r"], size - p["r"])
     p["angle"] = np.deg2rad(rng.uniform(-15, 15, n))

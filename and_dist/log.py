@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,7 +74,7 @@ def _start_wandb(run_dir, mode, project, entity, config, name):
     import wandb
     os.environ.setdefault("WANDB_SILENT", "true")
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     kwargs = dict(project=project, entity=entity or None, name=name, dir=str(run_dir), id=run_id,
                   resume="allow", config=config)

@@ -178,8 +178,16 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> dict | None:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._on_signal)
+        """Train to the end (returns the summary), or until a signal stops it (returns None)."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._run()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.log.close()
+
+    def _run(self) -> dict | None:
         cfg, t0 = self.cfg, time.time()
         while self.pos.round < cfg.curriculum.rounds:
             if self.pos.round > 0 and self.pos.epoch == 0 and self.pos.step == 0:
@@ -191,9 +199,7 @@ class Trainer:
                 self.pos.step = 0
                 self._end_of_epoch()
             self._end_of_round()
-        summary = self._final(time.time() - t0)
-        self.log.close()
-        return summary
+        return self._final(time.time() - t0)
 
     def _discover(self) -> None:
         c, r = self.cfg, self.pos.round
@@ -280,11 +286,12 @@ class Trainer:
 
     def _end_of_round(self) -> None:
         p = self.pos
+        top1, top5 = self._recomputed_knn()
         row = {"round": p.round,
                "anchors": int(self.anchor.sum()) if self.anchor is not None else 0,
                "consistency": (consistency(self.anchor, self.nbhd.neighbours, self.train_set.labels)
                                if self.anchor is not None else float("nan")),
-               "knn_top1": self.last_knn[0] if self.last_knn else float("nan")}
+               "knn_top1": top1, "knn_top5": top5}
         self.rounds.append(row)
         self.log.event(event="round", step=p.global_step, **row)
         self.log.info(_table(self.rounds))
@@ -292,15 +299,14 @@ class Trainer:
         self._save(f"r{p.round}-end")
 
     def _final(self, seconds: float) -> dict:
-        """kNN against train features recomputed with test transforms, then summary.json."""
+        """summary.json; the final kNN is the last round's (train features recomputed with test
+        transforms)."""
         summary = {"rounds": self.rounds, "best_bank_knn": self.best,
                    "best_note": "best is picked on the test set; report final_knn as the result",
                    "last_bank_knn_top1": self.last_knn[0] if self.last_knn else None,
                    "seconds": seconds}
-        if self.cfg.eval.final:
-            lo, hi = self.bank.lo, self.bank.hi
-            train_feats = self._features(self.train_set.images, lo, hi, "train features")
-            top1, top5 = self._knn(train_feats, self.train_set.labels[lo:hi], "final kNN")
+        if self.rounds:
+            top1, top5 = self.rounds[-1]["knn_top1"], self.rounds[-1]["knn_top5"]
             summary.update(final_knn_top1=top1, final_knn_top5=top5)
             self.log.info(f"final kNN (train features, test transforms): top-1 {top1:.2f} top-5 {top5:.2f}; "
                           f"best per-epoch bank kNN top-1 {self.best['knn_top1']:.2f} (picked on the test set)")
@@ -322,6 +328,12 @@ class Trainer:
         bar.close()
         self.model.train()
         return torch.cat(out) if out else torch.empty(0, self.cfg.model.low_dim, device=self.env.device)
+
+    def _recomputed_knn(self) -> tuple[float, float]:
+        """kNN against train features recomputed with test transforms (this rank's slice)."""
+        lo, hi = self.bank.lo, self.bank.hi
+        train_feats = self._features(self.train_set.images, lo, hi, "train features")
+        return self._knn(train_feats, self.train_set.labels[lo:hi], "kNN")
 
     def _knn(self, train_feats: torch.Tensor, train_labels: torch.Tensor, desc: str) -> tuple[float, float]:
         """Test features are computed shard by shard and shared; train features stay sharded."""
@@ -354,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
     env = dist.init(cfg.train.device)
     try:
-        Trainer(cfg, env).run()
+        trainer = Trainer(cfg, env)
+        trainer.run()
+        del trainer  # DDP must go before its process group, or gloo aborts at exit
     except Exception as e:
         print(f"[rank {env.rank}] error: {type(e).__name__}: {e}", file=sys.stderr)
         raise

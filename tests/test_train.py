@@ -42,7 +42,7 @@ def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_ru
     kinds = {e["event"] for e in events}
     assert {"step", "epoch", "knn", "discovery", "round", "final"} <= kinds
     steps = [e for e in events if e["event"] == "step"]
-    assert len(steps) == 3 * 2 * 3 and all({"round", "epoch", "step", "loss", "lr"} <= e.keys() for e in steps)
+    assert len(steps) == 3 * 2 * 4 and all({"round", "epoch", "step", "loss", "lr"} <= e.keys() for e in steps)
     disc = [e for e in events if e["event"] == "discovery"]
     assert [e["anchors"] for e in disc] == [125, 250] and all(0 <= e["consistency"] <= 1 for e in disc)
     summary = json.loads((run / "summary.json").read_text())
