@@ -88,12 +88,8 @@ class _ANDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats, all_feats, positives, bank: ShardedBank, offset: int):
         T, rows = bank.temperature, bank.rows
-        logits = all_feats @ rows.T / T                                   # (GB, n_local)
-        neg_inf = torch.tensor(float("-inf"), device=logits.device)
-        m = logits.amax(1) if rows.shape[0] else neg_inf.expand(len(logits)).clone()
-        m = dist.all_reduce(m, "max")
-        e = torch.exp(logits - m[:, None])
-        lse = m + torch.log(dist.all_reduce(e.sum(1), "sum"))
+        neg_inf = torch.tensor(float("-inf"), device=rows.device, dtype=rows.dtype)
+        logits = torch.matmul(all_feats, rows.T).div_(T)                  # (GB, n_local), reused in place
 
         mine = bank.owned(positives)
         cols = (positives - bank.lo).clamp(0, max(rows.shape[0] - 1, 0))
@@ -102,14 +98,20 @@ class _ANDLoss(torch.autograd.Function):
         mp = dist.all_reduce(pos.amax(1), "max")
         ep = torch.exp(pos - mp[:, None])
         lse_pos = mp + torch.log(dist.all_reduce(ep.sum(1), "sum"))
+
+        m = logits.amax(1) if rows.shape[0] else neg_inf.expand(len(logits)).clone()
+        m = dist.all_reduce(m, "max")
+        p = logits.sub_(m[:, None]).exp_()                                # exp(l - max), in place
+        total = dist.all_reduce(p.sum(1), "sum")
+        lse = m + torch.log(total)
         loss = lse - lse_pos                                              # (GB,)
 
-        p = torch.exp(logits - lse[:, None])
-        q = torch.exp(pos - lse_pos[:, None])                             # 0 where not owned
+        p.div_(total[:, None])                                            # the softmax over all N
+        q = torch.exp(pos - lse_pos[:, None])
         grad = p @ rows
         if rows.shape[0]:
-            grad -= torch.einsum("bk,bkd->bd", q, rows[cols])
-        grad = dist.all_reduce(grad / T, "sum")
+            grad -= torch.einsum("bk,bkd->bd", q, rows[cols])             # q is 0 where not owned
+        grad = dist.all_reduce(grad.div_(T), "sum")
         ctx.offset = offset
         ctx.save_for_backward(grad[offset: offset + len(feats)])
         return loss

@@ -60,10 +60,14 @@ class _Stats:
         self.top_v = torch.full((rows, k), float("-inf"), device=device)
         self.top_i = torch.full((rows, k), -1, dtype=torch.long, device=device)
 
-    def add_logits(self, r: slice, logits: torch.Tensor) -> None:
-        e = torch.exp(logits - self.shift)
-        self.s[r] += e.sum(1, dtype=torch.float64)
-        self.t[r] += (e * logits).sum(1, dtype=torch.float64)
+    def add_logits(self, r: slice, logits: torch.Tensor, scratch: torch.Tensor) -> None:
+        """Fold a block of logits into the sums; `scratch` (same shape) is overwritten.
+
+        Block sums are float32 (pairwise), accumulated across blocks in float64; no block-sized
+        temporaries are allocated, since page-faulting fresh memory costs more than the maths."""
+        e = torch.sub(logits, self.shift, out=scratch).exp_()
+        self.s[r] += e.sum(1).double()
+        self.t[r] += e.mul_(logits).sum(1).double()
 
     def add_candidates(self, r: slice, values: torch.Tensor, index: torch.Tensor) -> None:
         """Merge candidate neighbours into the running top-k; ties go to the lower index."""
@@ -140,25 +144,34 @@ def discover(bank: ShardedBank, k: int = 1, chunk: int = 2048, backend: str = "t
     T = bank.temperature
     stats = _Stats(n_own, k, T, own.device)
     mm_dtype = torch.bfloat16 if precision == "bf16" else own.dtype
+    rows_of = torch.arange(n_own, device=own.device)
     for s_lo, srows in _ring_slices(bank):
         srows_mm = srows.to(mm_dtype)
+        width = min(chunk, n_own)
+        sims_buf = torch.empty(width, len(srows), dtype=mm_dtype, device=own.device)
+        logit_buf = sims_buf if mm_dtype == own.dtype else torch.empty(width, len(srows), device=own.device)
+        scratch = torch.empty_like(logit_buf)
         for a in range(0, n_own, chunk):
             r = slice(a, min(a + chunk, n_own))
+            c = r.stop - r.start
             q = own[r]
-            sims = q.to(mm_dtype) @ srows_mm.T                            # (c, n_slice)
-            stats.add_logits(r, sims.float() / T)
+            sims = torch.matmul(q.to(mm_dtype), srows_mm.T, out=sims_buf[:c])   # (c, n_slice)
             if backend == "faiss":
                 v, i = _faiss_candidates(q, srows, k, bank.lo + a, s_lo)
             else:
                 # Exclude each row's own column from its neighbours (not from its entropy).
-                self_col = bank.lo + torch.arange(r.start, r.stop, device=own.device) - s_lo
-                inside = (self_col >= 0) & (self_col < len(srows))
-                sims[inside.nonzero()[:, 0], self_col[inside]] = float("-inf")
+                self_col = bank.lo + rows_of[r] - s_lo
+                inside = ((self_col >= 0) & (self_col < len(srows))).nonzero()[:, 0]
+                self_sims = sims[inside, self_col[inside]].clone()
+                sims[inside, self_col[inside]] = float("-inf")
                 v, i = _block_candidates(sims, q, srows, k, precision)
+                sims[inside, self_col[inside]] = self_sims
                 i = i + s_lo
             stats.add_candidates(r, v.float(), i)
+            logits = logit_buf[:c].copy_(sims) if logit_buf is not sims_buf else sims
+            stats.add_logits(r, logits.mul_(1.0 / T), scratch[:c])
             if progress is not None:
-                progress(r.stop - r.start)
+                progress(c)
     entropy = dist.all_gather_rows(stats.entropy(), bank.sizes)
     neighbours = dist.all_gather_rows(stats.top_i, bank.sizes)
     return Neighbourhood(entropy.cpu(), neighbours.cpu())

@@ -105,7 +105,7 @@ class Trainer:
                                    nesterov=t.nesterov, weight_decay=t.weight_decay)
         self.bank = ShardedBank(self.n, cfg.model.low_dim, cfg.bank.temperature, cfg.bank.momentum,
                                 seed=t.seed, device=env.device, dtype=self.dtype)
-        mean, std = _channel_stats(self.train_set.images)
+        mean, std = channel_stats(self.train_set.images)
         d = cfg.data
         self.augment = TrainAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip, mean, std)
         self.test_transform = TestTransform(d.image_size, mean, std)
@@ -348,7 +348,7 @@ class Trainer:
         return acc
 
 
-def _channel_stats(images: torch.Tensor, limit: int = 10000) -> tuple[tuple, tuple]:
+def channel_stats(images: torch.Tensor, limit: int = 10000) -> tuple[tuple, tuple]:
     """Per-channel mean/std of the train images (a strided sample), for normalisation."""
     sample = images[:: max(1, len(images) // limit)].float().div_(255)
     return tuple(sample.mean((0, 1, 2)).tolist()), tuple(sample.std((0, 1, 2)).tolist())
