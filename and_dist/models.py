@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ARCHS", "EmbeddingNet", "build_model", "convert_sync_bn", "AlexNetBN"]
+__all__ = ["ARCHS", "EmbeddingNet", "build_model", "AlexNetBN"]
 
 
 # --------------------------------------------------------------------------- #
@@ -250,7 +250,3 @@ def build_model(arch: str, low_dim: int = 128) -> EmbeddingNet:
     backbone = _BUILDERS[arch]()
     return EmbeddingNet(backbone, backbone.feat_dim, low_dim)
 
-
-def convert_sync_bn(model: nn.Module) -> nn.Module:
-    """Swap BatchNorm for SyncBatchNorm so BN statistics span all ranks (CUDA/NCCL only)."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

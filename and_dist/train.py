@@ -29,7 +29,8 @@ from .data import ImageSet, load_datasets
 from .discovery import Neighbourhood, anchor_count, consistency, discover, select_anchors
 from .knn import knn_accuracy
 from .log import RunLog
-from .models import build_model, convert_sync_bn
+from .models import build_model
+from .syncbn import convert_global_bn
 
 
 def _seed(*parts: int) -> int:
@@ -95,8 +96,8 @@ class Trainer:
         self.num_classes = len(self.train_set.classes)
 
         model = build_model(cfg.model.arch, cfg.model.low_dim)
-        if cfg.model.sync_bn and env.device.type == "cuda" and env.world > 1:
-            model = convert_sync_bn(model)
+        if cfg.model.sync_bn and env.world > 1:
+            model = convert_global_bn(model)
         self.dtype = getattr(torch, t.dtype)
         self.model = model.to(env.device, self.dtype)
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == "cuda" else None)
@@ -154,6 +155,8 @@ class Trainer:
         self.rounds, self.best = s["rounds"], s["best"]
         self.last_knn = tuple(s["last_knn"]) if s["last_knn"] is not None else None
         torch.set_rng_state(s["rng_cpu"])
+        if s["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["rng_cuda"])
         if self.env.is_main:
             self.log.truncate_metrics(s["metrics_lines"])
         self.log.info(f"resumed from {path} at round {self.pos.round} epoch {self.pos.epoch} step {self.pos.step}")
@@ -167,7 +170,9 @@ class Trainer:
             "neighbours": self.nbhd.neighbours if self.nbhd else None,
             "anchor": self.anchor, "rounds": self.rounds, "best": self.best,
             "last_knn": list(self.last_knn) if self.last_knn else None,
-            "rng_cpu": torch.get_rng_state(), "config": to_dict(self.cfg),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": to_dict(self.cfg),
             "metrics_lines": self.log.metrics_lines(),
         }
         path = checkpoint.save(self.dir / "checkpoints", name, state, self.bank, self.cfg.checkpoint.keep)
@@ -246,7 +251,7 @@ class Trainer:
         return True
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.env.device)
         return dist.all_reduce(flag, "max").item() > 0
 
     def _step(self, idx: torch.Tensor, lr: float) -> float:

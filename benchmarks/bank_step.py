@@ -34,32 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, MiB, peak_rss, reset_peak_rss, torchrun
+
 sys.path.insert(0, str(REPO))
-
-MiB = 2 ** 20
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------- worker
@@ -151,21 +132,13 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------------- parent
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args, world: int, n: int, method: str, results: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={free_port()}", __file__, "--worker", "--rows", str(n), "--method", method,
-           "--dim", str(args.dim), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--results", results]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        sys.exit(f"worker failed (W={world} N={n} {method}):\n{proc.stdout}")
+    torchrun(__file__, world, ["--rows", str(n), "--method", method, "--dim", str(args.dim),
+                               "--batch", str(args.batch), "--steps", str(args.steps),
+                               "--warmup", str(args.warmup), "--results", results],
+             threads=1, label=f"W={world} N={n} {method}")
 
 
 def parent(args) -> None:

@@ -94,6 +94,20 @@ def test_float32_world_sizes_agree_to_float32_noise(tmp_path):
     assert max(abs(a - b) for a, b in zip(runs[1], runs[2])) < 1e-4
 
 
+def test_global_batch_norm_makes_bn_models_world_size_independent(tmp_path):
+    """With model.sync_bn, BN statistics span the global batch: 2 ranks equal 1 process."""
+    summaries, losses = {}, {}
+    for world in (1, 2):
+        name = f"bn{world}"
+        code, log = finish(train(world, tmp_path, name, "model.arch=convnet_small", "model.sync_bn=true",
+                                 "curriculum.rounds=1"))
+        assert code == 0, log
+        losses[world] = step_losses(tmp_path / name)
+        summaries[world] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert max(abs(a - b) for a, b in zip(losses[1], losses[2])) < 1e-5
+    assert summaries[1]["final_knn_top1"] == summaries[2]["final_knn_top1"]
+
+
 def _interrupt_after(proc: subprocess.Popen, run: Path, steps: int) -> None:
     """SIGTERM the job once `steps` more step events have been logged; wait for it to stop."""
     metrics = run / "metrics.jsonl"

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from and_dist.models import ARCHS, AlexNetBN, EmbeddingNet, build_model, convert_sync_bn
+from and_dist.models import ARCHS, AlexNetBN, EmbeddingNet, build_model
+from and_dist.syncbn import GlobalBatchNorm, convert_global_bn
 
 # (arch, input side, batch): imagenet ResNets pool adaptively so 64px is enough;
 # AlexNet's fc6 expects 256x6x6, i.e. a 224px input.
@@ -135,9 +136,14 @@ def test_convnet_small_bn_is_batch_dependent():
     assert not torch.allclose(alone, batched, atol=1e-3)
 
 
-def test_convert_sync_bn():
-    model = convert_sync_bn(build_model("convnet_small"))
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
-    gn = convert_sync_bn(build_model("convnet_gn"))
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in gn.modules())
+def test_global_bn_is_plain_bn_in_one_process():
+    torch.manual_seed(0)
+    model = build_model("convnet_small")
+    x = torch.randn(8, 3, 32, 32)
+    ref = model(x)
+    converted = convert_global_bn(model)
+    assert any(isinstance(m, GlobalBatchNorm) for m in converted.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    assert torch.allclose(converted(x), ref, atol=1e-6)
+    gn = convert_global_bn(build_model("convnet_gn"))
+    assert not any(isinstance(m, GlobalBatchNorm) for m in gn.modules())
