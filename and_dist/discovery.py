@@ -95,23 +95,32 @@ def _block_candidates(sims: torch.Tensor, q_rows: torch.Tensor, slice_rows: torc
     return sims.topk(min(k, sims.shape[1]), dim=1)
 
 
-def _faiss_candidates(q_rows: torch.Tensor, slice_rows: torch.Tensor, k: int, q_lo: int, s_lo: int):
-    """Exact inner-product top-(k+1) from FAISS, then self removed (CPU, or GPU via knn_gpu)."""
-    import faiss
-    kk = min(k + 1, len(slice_rows))
-    if q_rows.is_cuda and hasattr(faiss, "knn_gpu"):
-        import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
-        res = faiss.StandardGpuResources()
-        v, i = faiss.knn_gpu(res, q_rows, slice_rows, kk, metric=faiss.METRIC_INNER_PRODUCT)
-    else:
-        index = faiss.IndexFlatIP(slice_rows.shape[1])
-        index.add(slice_rows.float().cpu().numpy())
-        v, i = index.search(q_rows.float().cpu().numpy(), kk)
-        v, i = torch.from_numpy(v).to(q_rows.device), torch.from_numpy(i).to(q_rows.device)
-    i = i.long() + s_lo
-    is_self = i == (q_lo + torch.arange(len(q_rows), device=i.device))[:, None]
-    v = torch.where(is_self, torch.tensor(float("-inf"), device=v.device), v)
-    return v, i
+class _FaissSlice:
+    """Exact inner-product search over one bank slice: an IndexFlatIP built once per slice on
+    CPU, or `faiss.knn_gpu` straight on CUDA tensors when faiss-gpu is installed."""
+
+    def __init__(self, slice_rows: torch.Tensor, s_lo: int):
+        import faiss
+        self.faiss, self.rows, self.s_lo = faiss, slice_rows, s_lo
+        self.gpu = slice_rows.is_cuda and hasattr(faiss, "knn_gpu")
+        if self.gpu:
+            import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
+            self.res = faiss.StandardGpuResources()
+        else:
+            self.index = faiss.IndexFlatIP(slice_rows.shape[1])
+            self.index.add(slice_rows.float().cpu().numpy())
+
+    def candidates(self, q_rows: torch.Tensor, k: int, q_lo: int):
+        """Top-(k+1) by inner product, with each query's own row masked out."""
+        kk = min(k + 1, len(self.rows))
+        if self.gpu:
+            v, i = self.faiss.knn_gpu(self.res, q_rows, self.rows, kk, metric=self.faiss.METRIC_INNER_PRODUCT)
+        else:
+            v, i = self.index.search(q_rows.float().cpu().numpy(), kk)
+            v, i = torch.from_numpy(v).to(q_rows.device), torch.from_numpy(i).to(q_rows.device)
+        i = i.long() + self.s_lo
+        is_self = i == (q_lo + torch.arange(len(q_rows), device=i.device))[:, None]
+        return torch.where(is_self, torch.tensor(float("-inf"), device=v.device), v), i
 
 
 def _ring_slices(bank: ShardedBank):
@@ -151,13 +160,14 @@ def discover(bank: ShardedBank, k: int = 1, chunk: int = 2048, backend: str = "t
         sims_buf = torch.empty(width, len(srows), dtype=mm_dtype, device=own.device)
         logit_buf = sims_buf if mm_dtype == own.dtype else torch.empty(width, len(srows), device=own.device)
         scratch = torch.empty_like(logit_buf)
+        search = _FaissSlice(srows, s_lo) if backend == "faiss" else None
         for a in range(0, n_own, chunk):
             r = slice(a, min(a + chunk, n_own))
             c = r.stop - r.start
             q = own[r]
             sims = torch.matmul(q.to(mm_dtype), srows_mm.T, out=sims_buf[:c])   # (c, n_slice)
-            if backend == "faiss":
-                v, i = _faiss_candidates(q, srows, k, bank.lo + a, s_lo)
+            if search is not None:
+                v, i = search.candidates(q, k, bank.lo + a)
             else:
                 # Exclude each row's own column from its neighbours (not from its entropy).
                 self_col = bank.lo + rows_of[r] - s_lo

@@ -100,8 +100,10 @@ class Trainer:
             model = convert_global_bn(model)
         self.dtype = getattr(torch, t.dtype)
         self.model = model.to(env.device, self.dtype)
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == "cuda" else None)
-                    if env.world > 1 else self.model)
+        self.ddp = self.model
+        if env.world > 1:
+            ids = [env.device] if env.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
                                    nesterov=t.nesterov, weight_decay=t.weight_decay)
         self.bank = ShardedBank(self.n, cfg.model.low_dim, cfg.bank.temperature, cfg.bank.momentum,
