@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from and_dist.config import (
     Config, ConfigError, config_or_exit, load_config, parse_args, run_dir, save_config, to_dict,
@@ -34,7 +35,8 @@ def error(config, overrides=()):
 def test_bare_name_and_path_resolve(name):
     cfg = load_config(name, [])
     assert cfg.data.source == "demo" and cfg.model.arch == "convnet_small"
-    assert cfg.train.epochs_per_round == 4 and cfg.train.schedule == "cosine"
+    written = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["train"]
+    assert cfg.train.epochs_per_round == written["epochs_per_round"] and cfg.train.schedule == "cosine"
     assert cfg.name == "demo"
     assert cfg.train.weight_decay == 5e-4  # untouched default survives
 
