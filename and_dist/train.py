@@ -140,6 +140,7 @@ class Trainer:
     def _resume(self) -> None:
         r = self.cfg.resume
         if not r:
+            self._start_fresh()
             return
         path = checkpoint.find_latest(self.dir / "checkpoints") if r == "auto" else Path(r).expanduser()
         if path is None:
@@ -162,6 +163,17 @@ class Trainer:
         if self.env.is_main:
             self.log.truncate_metrics(s["metrics_lines"])
         self.log.info(f"resumed from {path} at round {self.pos.round} epoch {self.pos.epoch} step {self.pos.step}")
+
+    def _start_fresh(self) -> None:
+        """A fresh run in an existing run directory replaces its metrics, summary and `latest`
+        pointer, so nothing mixes two runs (old checkpoint directories are pruned as usual)."""
+        if not self.env.is_main:
+            return
+        stale = [self.dir / "metrics.jsonl", self.dir / "summary.json", self.dir / "checkpoints" / checkpoint.LATEST]
+        if any(p.exists() for p in stale):
+            self.log.info(f"{self.dir} holds an earlier run: starting afresh (resume=auto would continue it)")
+            for p in stale:
+                p.unlink(missing_ok=True)
 
     def _save(self, name: str) -> None:
         p = self.pos

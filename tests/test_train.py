@@ -78,3 +78,15 @@ def test_global_batches_cover_every_sample_once_and_depend_only_on_seed_round_ep
     assert sorted(int(i) for b in a for i in b) == list(range(1000))
     assert all(x.equal(y) for x, y in zip(a, global_batches(1000, 128, 1, 0, 1, 2)))
     assert not a[0].equal(global_batches(1000, 128, 3, 0, 1, 3)[0])
+
+
+def test_a_fresh_run_in_a_used_directory_replaces_its_metrics(tmp_path):
+    args = ["--config", "demo", f"out_dir={tmp_path}", "name=again", "data.demo_train=200",
+            "data.demo_test=50", "curriculum.rounds=1", "train.epochs_per_round=1", "eval.knn_k=10",
+            "train.threads=1"]
+    for _ in range(2):
+        proc = run_train(*args)
+        assert proc.returncode == 0, proc.stderr
+    assert "holds an earlier run" in proc.stdout
+    events = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "step" for e in events) == 2  # 200 samples / 128: one run's two steps
