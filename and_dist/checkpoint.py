@@ -1,11 +1,11 @@
-"""Checkpoints that do not depend on the world size.
+"""Checkpoints of named state owners, loadable at any world size.
 
-A checkpoint is a directory: `state.pt` (model, optimizer, discovery state, position, RNG,
-config; written by rank 0) plus one `bank-<rank>.pt` per rank holding its slice with its global
-index range. Any world size can load it: each rank copies the parts of the saved slices that
-fall in its own range, so no rank ever holds the whole bank. The directory is written under a
+An owner is anything with `state_dict()` / `load_state_dict()`. A checkpoint is a directory:
+`state.pt` holds every replicated owner's state (written by rank 0); an owner marked `sharded`
+(the memory bank) is saved by every rank as `<name>-<rank>.pt` and, on loading, is handed all the
+saved parts so it can take what falls in its own range. The directory is written under a
 temporary name and renamed, then `latest` is replaced atomically, so a crash mid-write never
-leaves a checkpoint that looks complete.
+leaves a checkpoint that looks complete. This module knows nothing of any one owner.
 """
 from __future__ import annotations
 
@@ -15,34 +15,33 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .bank import ShardedBank
+from . import dist, files
 
 LATEST = "latest"
+STATE = "state.pt"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save(ckpt_root: Path, name: str, state: dict, bank: ShardedBank, keep: int = 2) -> Path:
-    """Collective: every rank writes its bank slice, rank 0 the rest, then publishes it."""
+def save(ckpt_root: Path, name: str, owners: dict, keep: int = 2) -> Path:
+    """Collective: every rank writes its sharded owners, rank 0 the rest, then publishes."""
     rank, _ = dist.rank_world()
     final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    torch.save(bank.state_dict(), tmp / f"bank-{rank}.pt")
+    replicated = {}
+    for key, owner in owners.items():
+        if getattr(owner, "sharded", False):
+            torch.save(owner.state_dict(), tmp / f"{key}-{rank}.pt")
+        elif rank == 0:
+            replicated[key] = owner.state_dict()
     if rank == 0:
-        torch.save(state, tmp / "state.pt")
+        torch.save(replicated, tmp / STATE)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _atomic_write_text(ckpt_root / LATEST, name)
+        files.write_text(ckpt_root / LATEST, name)
         _prune(ckpt_root, keep)
     dist.barrier()
     return final
@@ -63,14 +62,33 @@ def find_latest(ckpt_root: Path) -> Path | None:
     if not marker.exists():
         return None
     path = ckpt_root / marker.read_text().strip()
-    return path if (path / "state.pt").exists() else None
+    return path if (path / STATE).exists() else None
 
 
-def load(path: Path, bank: ShardedBank) -> dict:
-    """Fill this rank's bank slice from the saved slices and return the shared state."""
-    for f in sorted(path.glob("bank-*.pt")):
-        part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        if part["n"] != bank.n:
-            raise ValueError(f"checkpoint {path} has a bank of {part['n']} rows, this data set {bank.n}")
-        bank.load_rows(part["lo"], part["rows"])
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+def resolve(path: Path) -> Path:
+    """A checkpoint directory from itself, its `checkpoints/` folder or its run directory."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / STATE).exists():
+            return candidate
+        latest = find_latest(candidate)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"no checkpoint at {path} (expected a checkpoint directory or a run directory)")
+
+
+def read_state(path: Path) -> dict:
+    """The replicated owners' states of a checkpoint, by owner name."""
+    return torch.load(path / STATE, map_location="cpu", weights_only=True)
+
+
+def load(path: Path, owners: dict) -> None:
+    """Restore every owner that the checkpoint holds; owners it lacks keep their state."""
+    state = read_state(path)
+    for key, owner in owners.items():
+        if getattr(owner, "sharded", False):
+            parts = (torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                     for f in sorted(path.glob(f"{key}-*.pt")))
+            owner.load_state_dict(parts)
+        elif key in state:
+            owner.load_state_dict(state[key])

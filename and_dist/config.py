@@ -18,10 +18,15 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from . import files
+from .data import MAX_CACHED_SIZE, SOURCES, check_root
+from .errors import UserError
+from .models import ARCHS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A user mistake in the configuration; the message is one line meant for the terminal."""
 
 
@@ -49,7 +54,8 @@ def opt(default, *, choices: tuple = (), check: tuple | None = None):
 
 @dataclass
 class DataConfig:
-    source: str = opt("demo", choices=("demo", "imagefolder", "cifar10", "cifar100", "svhn"))
+    source: str = opt("demo", choices=SOURCES)
+    loader: str = opt("cached", choices=("cached", "dali", "torch"))  # cached: decoded in memory (<= 96 px)
     root: str = ""
     download: bool = False
     image_size: int = opt(32, check=POSITIVE)  # images are decoded once into a uint8 cache at this size
@@ -66,8 +72,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("resnet18_cifar", choices=(
-        "resnet18_cifar", "resnet18", "resnet50", "alexnet_bn", "convnet_small", "convnet_gn"))
+    arch: str = opt("resnet18_cifar", choices=ARCHS)
     low_dim: int = opt(128, check=POSITIVE)
     sync_bn: bool = False
 
@@ -81,7 +86,8 @@ class BankConfig:
 @dataclass
 class CurriculumConfig:
     rounds: int = opt(5, check=AT_LEAST_ONE)
-    anchor_rate: float = opt(0.25, check=FRACTION)
+    method: str = opt("and", choices=("and", "instance"))  # instance: same budget, no anchors (baseline)
+    anchor_rate: float = opt(0.25, check=PROBABILITY)  # 0 means no anchors, like method=instance
     neighbours: int = opt(1, check=AT_LEAST_ONE)
 
 
@@ -109,6 +115,8 @@ class TrainConfig:
     dtype: str = opt("float32", choices=("float32", "float64"))  # float64: bit-stable equivalence checks
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, check=NON_NEGATIVE)  # torch intra-op threads, 0 = torch default
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -126,10 +134,46 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    progress: bool = True
+    progress: bool = True  # progress bars, on a terminal only; in a file one line per epoch
+    every_steps: int = opt(10, check=AT_LEAST_ONE)  # step lines in metrics.jsonl
     wandb_mode: str = opt("disabled", choices=("online", "offline", "disabled"))
     wandb_project: str = "and_dist"
     wandb_entity: str = ""
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probes on frozen layers (the ImageNet AlexNet protocol of Wu et al. 2018 / AND)."""
+    layers: list[str] = opt(["conv1", "conv2", "conv3", "conv4", "conv5"])
+    epochs: int = opt(30, check=AT_LEAST_ONE)
+    lr: float = opt(0.01, check=POSITIVE)
+    batch_size: int = opt(256, check=POSITIVE)  # global
+    momentum: float = opt(0.9, check=MOMENTUM)
+    weight_decay: float = opt(5e-4, check=NON_NEGATIVE)
+    lr_decay_epochs: list[int] = opt([10, 20])
+    lr_gamma: float = opt(0.1, check=FRACTION)
+    batch_norm: bool = True  # BatchNorm without affine before each linear layer
+    ten_crop: bool = False
+    after_train: bool = False  # run the probes right after pretraining, in the same job
+
+
+@dataclass
+class SlurmConfig:
+    """Defaults for launch/slurm.py; its command-line flags win."""
+    nodes: int = opt(1, check=AT_LEAST_ONE)
+    gpus_per_node: int = opt(0, check=NON_NEGATIVE)
+    tasks_per_node: int = opt(1, check=AT_LEAST_ONE)  # CPU partitions; with GPUs one task per GPU
+    cpus_per_task: int = opt(8, check=AT_LEAST_ONE)
+    mem: str = ""  # e.g. 64G; "" = the partition's default
+    partition: str = ""
+    time: int = opt(4320, check=AT_LEAST_ONE)  # minutes
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclude: str = ""
+    job_name: str = ""  # "" = the run name
+    max_requeues: int = opt(20, check=NON_NEGATIVE)
+    folder: str = ""  # submitit logs; "" = <out_dir>/<name>/slurm
 
 
 @dataclass
@@ -143,9 +187,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     out_dir: str = "~/and_dist_runs"
-    name: str = ""  # run name; "" -> the config file's stem
-    resume: str = ""  # "" (fresh), "auto" (latest checkpoint of this run), or a checkpoint path
+    name: str = ""  # run name; "" -> the config file's stem; fresh runs go to out_dir/name/<time>
+    run_dir: str = ""  # an explicit run directory, used as given (the SLURM launcher sets it)
+    resume: str = ""  # "" (fresh), "auto" (latest run of this name, or run_dir), or a checkpoint path
 
 
 # ----- YAML: PyYAML (YAML 1.1) reads `1e-3` as a string; accept it as a float like users expect
@@ -275,18 +322,6 @@ def _apply_override(cfg: Config, text: str) -> None:
 
 # ----- validation (runs before any work starts)
 
-_DATA_FILES = {  # source -> (required entries under data.root, what they are, can download)
-    "imagefolder": (["train/", "test/"], "an ImageFolder tree", False),
-    "cifar10": (["cifar-10-batches-py/"], "the official CIFAR-10 python download", True),
-    "cifar100": (["cifar-100-python/"], "the official CIFAR-100 python download", True),
-    "svhn": (["train_32x32.mat", "test_32x32.mat"], "the official SVHN .mat files", True),
-}
-
-
-def _kind(entries: list[str]) -> str:
-    return ("folder" if entries[0].endswith("/") else "file") + ("s" if len(entries) > 1 else "")
-
-
 def _check_fields(obj, prefix: str = "") -> None:
     hints = _hints(type(obj))
     for f in fields(obj):
@@ -303,42 +338,19 @@ def _check_fields(obj, prefix: str = "") -> None:
             raise ConfigError(f"config key '{path}' {check[0]}; got {value!r}")
 
 
-def _check_data_root(data: DataConfig) -> None:
-    if data.source not in _DATA_FILES:
-        return
-    needed, what, can_download = _DATA_FILES[data.source]
-    names, kind = " and ".join(needed), _kind(needed)
-    hint = " (or data.download=true)" if can_download else ""
-    or_download = ", or set data.download=true" if can_download else ""
-    if not data.root:
-        if can_download and data.download:
-            raise ConfigError(f"data.root is empty; data.source={data.source} with "
-                              "data.download=true needs a folder to download into")
-        raise ConfigError(f"data.root is empty; data.source={data.source} needs {what} "
-                          f"({names} {kind}) under it{hint}")
-    if can_download and data.download:
-        return
-    root = Path(os.path.abspath(Path(data.root).expanduser()))
-    if not root.is_dir():
-        raise ConfigError(f"data.root '{root}' is not an existing folder; "
-                          f"data.source={data.source} needs {what} under it{hint}")
-    missing = [n for n in needed if not (root / n).exists()]
-    if missing:
-        raise ConfigError(f"data.root '{root}' has no {' and '.join(missing)} {_kind(missing)} "
-                          f"(expected {what} for data.source={data.source}{or_download})")
-
-
-MAX_CACHED_SIZE = 96  # beyond this a decoded uint8 copy of a large data set no longer fits in memory
-
-
 def validate(cfg: Config) -> None:
     """Check types, choices, ranges, the data root and the resume path; raise ConfigError."""
     _check_fields(cfg)
-    _check_data_root(cfg.data)
-    if cfg.data.image_size > MAX_CACHED_SIZE:
+    try:
+        check_root(cfg.data.source, cfg.data.root, cfg.data.download)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.run_dir and cfg.resume not in ("", "auto"):
+        raise ConfigError("run_dir with a checkpoint path in resume: use resume=auto to continue run_dir's run")
+    if cfg.data.loader == "cached" and cfg.data.image_size > MAX_CACHED_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: the in-memory uint8 loader is for "
-                          f"images up to {MAX_CACHED_SIZE} px; full-size ImageNet needs the streaming "
-                          "DALI reader, which is not built yet")
+                          f"images up to {MAX_CACHED_SIZE} px; use data.loader=dali or data.loader=torch "
+                          "to stream larger images")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"config key 'name' must be a plain folder name; got {cfg.name!r}")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).expanduser().exists():
@@ -412,10 +424,12 @@ def save_config(cfg: Config, path) -> None:
     """Write the resolved config as YAML (loadable again with load_config)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    files.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir).expanduser() / cfg.name
+def config_from_dict(d: dict) -> Config:
+    """A Config from a saved `to_dict` (a run's config.yaml or checkpoint), validated as types only."""
+    cfg = Config()
+    _merge(cfg, d)
+    _check_fields(cfg)
+    return cfg

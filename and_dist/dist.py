@@ -6,11 +6,12 @@ tests take the same code path as distributed ones.
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .cluster import placement
 
 
 @dataclass(frozen=True)
@@ -25,40 +26,18 @@ class Env:
         return self.rank == 0
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return default
-
-
 def init(device: str = "auto") -> Env:
-    """Join the job's process group from torchrun variables, else SLURM's, else run alone."""
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    """Join the job's process group (torchrun or SLURM placement, see cluster.py), or run alone."""
+    where = placement()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = torch.device("cuda", where.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", _first_slurm_host() or "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 9500)) % 20000))
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+    if where.world > 1 and not dist.is_initialized():
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = where.master_addr, str(where.master_port)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=where.rank, world_size=where.world,
                                 device_id=dev if use_cuda else None)
-    return Env(rank, world, local_rank, dev)
-
-
-def _first_slurm_host() -> str | None:
-    """Under srun without torchrun, rank 0 runs on the job's first node."""
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodes:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
+    return Env(where.rank, where.world, where.local_rank, dev)
 
 
 def shutdown() -> None:
@@ -79,6 +58,11 @@ def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+def shard_sizes(n: int, world: int) -> list[int]:
+    """Rows per rank of the balanced split of n items (the sizes every all-gather here uses)."""
+    return [hi - lo for lo, hi in (shard_range(n, world, r) for r in range(world))]
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -1,13 +1,17 @@
-"""Run logging: console, `metrics.jsonl`, wandb and progress bars, all from rank 0 only."""
+"""Run logging from rank 0: console lines, `metrics.jsonl`, wandb, and progress bars (on a
+terminal only; a log file gets one line per epoch instead of bar redraws)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import uuid
 from pathlib import Path
 
 from tqdm import tqdm
+
+from . import files
 
 
 class _NoBar:
@@ -16,66 +20,100 @@ class _NoBar:
     def close(self): pass
 
 
+def strict(value):
+    """JSON-safe: NaN/inf become null (strict parsers reject them), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    """A number for the console, "-" where it was not measured."""
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
 class RunLog:
-    """Everything a run reports. Non-zero ranks get a silent instance."""
+    """Everything a run reports; a checkpoint owner (metrics lines written, wandb run id).
+    Non-zero ranks get a silent instance."""
 
     def __init__(self, run_dir: Path | None, enabled: bool, progress: bool = True,
                  wandb_mode: str = "disabled", wandb_project: str = "and_dist",
                  wandb_entity: str = "", config: dict | None = None, name: str = ""):
-        self.enabled, self.progress = enabled, progress and enabled
+        self.enabled = enabled
+        self.tty = enabled and progress and sys.stderr.isatty()
+        self.dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl" if (enabled and run_dir) else None
+        self.wandb_args = (wandb_mode, wandb_project, wandb_entity, config, name)
+        self.wandb_id = uuid.uuid4().hex[:8]      # a fresh run's; a resumed run loads its own
         self.wandb = None
-        if enabled and wandb_mode != "disabled":
-            self.wandb = _start_wandb(run_dir, wandb_mode, wandb_project, wandb_entity, config, name)
+
+    def start_wandb(self) -> None:
+        """After resume (which may restore the id), so a resumed run continues its wandb run."""
+        mode, project, entity, config, name = self.wandb_args
+        if self.enabled and mode != "disabled":
+            self.wandb = _start_wandb(self.dir, mode, project, entity, config, name, self.wandb_id)
 
     def info(self, msg: str) -> None:
         if self.enabled:
-            tqdm.write(msg, file=sys.stdout)
+            if self.tty:
+                tqdm.write(msg, file=sys.stdout)
+            else:
+                print(msg, file=sys.stdout)
             sys.stdout.flush()
 
     def event(self, **fields) -> None:
         """One JSON line in metrics.jsonl, and the numeric fields to wandb."""
         if not self.enabled:
             return
+        fields = strict(fields)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(fields) + "\n")
         if self.wandb is not None:
             step = fields.get("step")
-            self.wandb.log({k: v for k, v in fields.items() if isinstance(v, (int, float))}, step=step)
+            prefix = fields.get("event", "")
+            self.wandb.log({f"{prefix}/{k}": v for k, v in fields.items()
+                            if isinstance(v, (int, float)) and k != "step"}, step=step)
 
-    def metrics_lines(self) -> int:
-        if not (self.enabled and self.metrics_path.exists()):
-            return 0
-        with open(self.metrics_path) as f:
-            return sum(1 for _ in f)
-
-    def truncate_metrics(self, lines: int) -> None:
-        """On resume, drop events logged after the checkpoint (they will be logged again)."""
-        if not (self.enabled and self.metrics_path.exists()):
-            return
-        with open(self.metrics_path) as f:
-            kept = f.readlines()[:lines]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.metrics_path)
+    def image(self, key: str, path: Path, step: int) -> None:
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({key: wandb.Image(str(path))}, step=step)
 
     def bar(self, total: int, desc: str, leave: bool = False):
-        if not self.progress:
+        if not self.tty:
             return _NoBar()
         return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr)
+
+    # checkpoint owner
+    def state_dict(self) -> dict:
+        lines = 0
+        if self.enabled and self.metrics_path.exists():
+            with open(self.metrics_path) as f:
+                lines = sum(1 for _ in f)
+        return {"metrics_lines": lines, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, s: dict) -> None:
+        """On resume, drop events logged after the checkpoint (they will be logged again)."""
+        self.wandb_id = s.get("wandb_id", self.wandb_id)
+        if self.enabled and self.metrics_path.exists():
+            with open(self.metrics_path) as f:
+                kept = f.readlines()[: s["metrics_lines"]]
+            files.write_text(self.metrics_path, "".join(kept))
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
-def _start_wandb(run_dir, mode, project, entity, config, name):
+def _start_wandb(run_dir, mode, project, entity, config, name, run_id):
     """wandb with its files in the run directory; online falls back to offline, never blocks."""
     import wandb
     os.environ.setdefault("WANDB_SILENT", "true")
-    id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
     kwargs = dict(project=project, entity=entity or None, name=name, dir=str(run_dir), id=run_id,
                   resume="allow", config=config)
     try:

@@ -161,6 +161,31 @@ class TrainAugment:
         return _normalize(x, self.mean, self.std)
 
 
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of the shorter side to `size` (antialiased when shrinking), then centre
+    crop to size x size; float (B, C, H, W). The one resize of the project (decode caches, eval)."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, :, top:top + size, left:left + size]
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """`resize_center_crop` of a uint8 (N, H, W, 3) tensor; a no-op at the right size."""
+    n, h, w, _ = images.shape
+    if (h, w) == (size, size):
+        return images.contiguous()
+    out = torch.empty((n, size, size, 3), dtype=torch.uint8)
+    for i in range(0, n, chunk):
+        x = resize_center_crop(images[i:i + chunk].permute(0, 3, 1, 2).float(), size)
+        out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out
+
+
 class TestTransform:
     """Deterministic eval transform: to float, resize (shorter side + centre crop) if needed, normalise."""
 
@@ -168,12 +193,4 @@ class TestTransform:
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = _to_float(images)
-        h, w = x.shape[-2:]
-        if (h, w) != (self.size, self.size):
-            scale = self.size / min(h, w)
-            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
-            top, left = (nh - self.size) // 2, (nw - self.size) // 2
-            x = x[:, :, top:top + self.size, left:left + self.size]
-        return _normalize(x, self.mean, self.std)
+        return _normalize(resize_center_crop(_to_float(images), self.size), self.mean, self.std)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dist
+from .. import dist
 
 
 @torch.no_grad()
@@ -46,3 +46,29 @@ def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats:
             progress(len(q))
     n = max(len(queries), 1)
     return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+def knn_eval(model, data, env, k: int, sigma: float, train_feats: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32, bar=None, autocast: bool = False) -> tuple[float, float]:
+    """kNN top-1/top-5 (%) of the test split against this rank's slice of train features: the bank
+    rows if given, else recomputed with the test transform. Test features are computed shard by
+    shard and shared; train features stay sharded."""
+    from ..eval.features import extract
+    bar = bar or (lambda total, desc: None)
+    n_train, n_test = len(data.train), len(data.test)
+    if train_feats is None:
+        lo, hi = dist.shard_range(n_train, env.world, env.rank)
+        b = bar(hi - lo, "train features")
+        train_feats = extract(model, data.eval_images("train", lo, hi), dtype, b and b.update, autocast=autocast)
+        b and b.close()
+    lo_t, hi_t = dist.shard_range(n_train, env.world, env.rank)
+    lo, hi = dist.shard_range(n_test, env.world, env.rank)
+    b = bar(hi - lo, "test features")
+    test = extract(model, data.eval_images("test", lo, hi), dtype, b and b.update, autocast=autocast)
+    b and b.close()
+    test = dist.all_gather_rows(test.to(train_feats.dtype), dist.shard_sizes(n_test, env.world))
+    b = bar(n_test, "kNN")
+    acc = knn_accuracy(test, data.test.labels, train_feats, data.train.labels[lo_t:hi_t],
+                       len(data.train.classes), k, sigma, progress=b and b.update)
+    b and b.close()
+    return acc

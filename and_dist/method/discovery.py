@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from . import dist
+from .. import dist
 from .bank import ShardedBank
 
 
@@ -21,27 +21,6 @@ from .bank import ShardedBank
 class Neighbourhood:
     entropy: torch.Tensor      # (N,) float64, entropy of each row's softmax over the bank
     neighbours: torch.Tensor   # (N, k) int64, nearest rows by cosine similarity, self excluded
-
-
-def anchor_count(round_: int, n: int, rate: float) -> int:
-    """Round r makes round(N x rate x r) samples anchors (capped at N)."""
-    return min(n, int(round(n * rate * round_)))
-
-
-def select_anchors(entropy: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask of the `count` lowest-entropy samples (ties broken by lower index)."""
-    order = torch.sort(entropy, stable=True).indices
-    mask = torch.zeros(len(entropy), dtype=torch.bool)
-    mask[order[:count]] = True
-    return mask
-
-
-def consistency(anchor: torch.Tensor, neighbours: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of anchor-neighbour pairs with the same true label (a diagnostic, never trained on)."""
-    if not anchor.any():
-        return float("nan")
-    nbr = neighbours[anchor]
-    return (labels[nbr] == labels[anchor][:, None]).double().mean().item()
 
 
 class _Stats:

@@ -1,0 +1,87 @@
+"""Where training images come from. `SOURCES` is the registry the config's choices are read from;
+`build_data` returns the trainer's data interface (base.TrainData) for a config."""
+from __future__ import annotations
+
+import os
+
+from ..errors import UserError
+from .base import Batch, SplitInfo, TrainData
+from .cached import CachedData, ImageSet, load_imagefolder
+from .folder import class_folders, test_split
+from .official import REQUIRED as OFFICIAL_FILES, load_official
+
+SOURCES = ("demo", "imagefolder", "cifar10", "cifar100", "svhn")
+MAX_CACHED_SIZE = 96  # beyond this a decoded uint8 copy of a large data set no longer fits in memory
+
+__all__ = ["SOURCES", "Batch", "SplitInfo", "TrainData", "ImageSet", "build_data", "load_datasets", "check_root"]
+
+
+def check_root(source: str, root: str, download: bool) -> None:
+    """Fail before any work if `root` cannot hold `source` (UserError, one line)."""
+    if source == "demo":
+        return
+    needed, what = OFFICIAL_FILES.get(source, (["train/"], "an ImageFolder tree"))
+    can_download = source in OFFICIAL_FILES
+    hint = " (or data.download=true)" if can_download else ""
+    if not root:
+        if can_download and download:
+            raise UserError(f"data.root is empty; data.source={source} with data.download=true "
+                            "needs a folder to download into")
+        raise UserError(f"data.root is empty; data.source={source} needs {what} "
+                        f"({' and '.join(needed)}) under it{hint}")
+    if can_download and download:
+        return
+    if os.path.isfile(root):
+        raise UserError(f"data.root '{root}' is a file; data.source={source} needs a folder holding {what}")
+    if not os.path.isdir(root):
+        raise UserError(f"data.root '{root}' is not an existing folder; data.source={source} needs {what} under it{hint}")
+    missing = [n for n in needed if not os.path.exists(os.path.join(root, n))]
+    if missing:
+        more = ", or set data.download=true" if can_download else ""
+        raise UserError(f"data.root '{root}' has no {' and '.join(missing)} "
+                        f"(expected {what} for data.source={source}{more})")
+    if source == "imagefolder":
+        test_split(root)
+
+
+def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None, download: bool = False,
+                  workers: int = 2, demo_train: int = 5000, demo_test: int = 1000, demo_seed: int = 0,
+                  log=print, progress: bool = True) -> tuple[ImageSet, ImageSet]:
+    """(train, test) decoded into memory for `source` (one of SOURCES)."""
+    if source == "demo":
+        from .demo import make_demo
+        return make_demo(demo_train, demo_test, demo_seed, image_size)
+    if source == "imagefolder":
+        classes = class_folders(os.path.join(root, "train"))
+        sets = tuple(load_imagefolder(root, split, classes, image_size, cache_dir, workers, log, progress)
+                     for split in ("train", test_split(root)))
+    else:
+        from .augment import resize_uint8
+        sets = tuple(ImageSet(resize_uint8(s.images, image_size), s.labels, s.classes, [])
+                     for s in load_official(source, root, download, log))
+    for split, s in zip(("train", "test"), sets):
+        if len(s) == 0:
+            raise UserError(f"data.root '{root}': every {split} image is unreadable "
+                            f"({len(s.skipped)} skipped, e.g. {s.skipped[0][0]}: {s.skipped[0][1]})")
+    return sets
+
+
+def build_data(cfg, env, cache_dir: str, log, progress: bool) -> TrainData:
+    """The data interface for `cfg`; rank 0 decodes and fills the cache first, the others read it."""
+    from .. import dist
+    d = cfg.data
+    kwargs = dict(source=d.source, root=d.root, image_size=d.image_size, cache_dir=cache_dir,
+                  download=d.download, workers=d.workers, demo_train=d.demo_train,
+                  demo_test=d.demo_test, demo_seed=d.demo_seed)
+    sets, error = None, None
+    if env.is_main:
+        try:
+            sets = load_datasets(**kwargs, log=log, progress=progress)
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)     # the other ranks stop too, instead of waiting
+    if error:
+        raise UserError(error)
+    if not env.is_main:
+        sets = load_datasets(**kwargs, log=lambda *_: None, progress=False)
+    return CachedData(*sets, cfg, env)

@@ -1,0 +1,154 @@
+"""Small-image data sets decoded once into memory as uint8, and the trainer's data interface over
+them.
+
+Why: AND keeps one memory-bank row per training image, so sample i must always be image i; holding
+a small data set decoded in memory makes that trivial, lets augmentation run batched on tensors
+(augment.py) and removes per-sample decoding from the training loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .. import files
+from .augment import TestTransform, TrainAugment, resize_center_crop
+from .base import Batch, SplitInfo
+from .folder import list_split
+from .sampler import augment_generator, global_batches, rank_slice
+
+
+@dataclass
+class ImageSet:
+    """A decoded split. Row i of `images` is global sample i (its memory-bank row)."""
+    images: torch.Tensor                     # uint8 (N, H, W, 3), contiguous
+    labels: torch.Tensor                     # int64 (N,); only for evaluation, never for training
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def info(self) -> SplitInfo:
+        return SplitInfo(self.labels, self.classes, self.skipped)
+
+
+# ------------------------------------------------------------------------- imagefolder decoding
+
+def _cache_key(root: str, split: str, image_size: int, paths: list[str]) -> str:
+    """Hash of everything that changes the decoded arrays: root, split, size and each file's size+mtime."""
+    h = hashlib.sha256(f"{os.path.abspath(root)}|{split}|{image_size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"|{p[len(root):]}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode(path: str, size: int) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()                              # force full decode so truncated files fail here
+        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    x = resize_center_crop(x.permute(2, 0, 1)[None].float(), size)[0]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _read_cache(cache_path: str, classes: list[str], log) -> ImageSet | None:
+    try:
+        z = torch.load(cache_path, weights_only=True)
+        return ImageSet(z["images"], z["labels"], list(classes), [tuple(s) for s in z["skipped"]])
+    except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
+        log(f"cache {cache_path} is unreadable ({type(e).__name__}); decoding the images again")
+        return None
+
+
+def load_imagefolder(root: str, split: str, classes: list[str], image_size: int, cache_dir: str | None,
+                     workers: int, log, progress: bool = True) -> ImageSet:
+    paths, labels = list_split(root, split, classes)
+    cache_path = None
+    if cache_dir:
+        key = _cache_key(root, split, image_size, paths)
+        cache_path = os.path.join(cache_dir, f"imagefolder-{split}-{image_size}-{key}.pt")
+        if os.path.exists(cache_path):
+            cached = _read_cache(cache_path, classes, log)
+            if cached is not None:
+                for path, reason in cached.skipped:
+                    log(f"skipping unreadable image {path}: {reason}")
+                return cached
+
+    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+
+    def work(i: int) -> str | None:
+        try:
+            images[i] = _decode(paths[i], image_size)
+            return None
+        except Exception as e:                  # any unreadable file is skipped, never fatal
+            return f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        errors = list(tqdm(pool.map(work, range(len(paths))), total=len(paths),
+                           desc=f"decode {split}", unit="img", leave=False, disable=not progress))
+    skipped = [(paths[i], err) for i, err in enumerate(errors) if err is not None]
+    for path, reason in skipped:
+        log(f"skipping unreadable image {path}: {reason}")
+    keep = np.array([err is None for err in errors], dtype=bool)
+    images = np.ascontiguousarray(images[keep]) if not keep.all() else images
+    label_arr = np.asarray(labels, dtype=np.int64)[keep]
+    if cache_path:
+        os.makedirs(cache_dir, exist_ok=True)
+        files.torch_save({"images": torch.from_numpy(images), "labels": torch.from_numpy(label_arr),
+                          "skipped": [list(s) for s in skipped]}, cache_path)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(label_arr), list(classes), skipped)
+
+
+def channel_stats(images: torch.Tensor, limit: int = 10000) -> tuple[tuple, tuple]:
+    """Per-channel mean/std of the train images (a strided sample), for normalisation."""
+    sample = images[:: max(1, len(images) // limit)].float().div_(255)
+    return tuple(sample.mean((0, 1, 2)).tolist()), tuple(sample.std((0, 1, 2)).tolist())
+
+
+# ---------------------------------------------------------------------- the trainer's interface
+
+class CachedData:
+    """The data interface over two in-memory sets: a step gathers this rank's rows of the global
+    batch and augments them batched, on the device, with the global batch's random draws."""
+
+    def __init__(self, train: ImageSet, test: ImageSet, cfg, env, eval_batch: int = 512):
+        d, t = cfg.data, cfg.train
+        self.images, self.test_images = train.images, test.images
+        self.train, self.test = train.info(), test.info()
+        self.env, self.batch_size, self.seed, self.eval_batch = env, t.batch_size, t.seed, eval_batch
+        mean, std = channel_stats(train.images)
+        self.augment = TrainAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip, mean, std)
+        self.test_transform = TestTransform(d.image_size, mean, std)
+
+    def _order(self, round_: int, epoch: int) -> list[torch.Tensor]:
+        return global_batches(len(self.train), self.batch_size, self.env.world, self.seed, round_, epoch)
+
+    def steps(self, round_: int, epoch: int) -> int:
+        return len(self._order(round_, epoch))
+
+    def batches(self, round_: int, epoch: int, start: int = 0) -> Iterator[Batch]:
+        env = self.env
+        order = self._order(round_, epoch)
+        for step in range(start, len(order)):
+            idx = order[step]
+            offset, sizes = rank_slice(len(idx), env.world, env.rank)
+            mine = idx[offset: offset + sizes[env.rank]]
+            x = self.augment(self.images[mine].to(env.device, non_blocking=True),
+                             augment_generator(self.seed, round_, epoch, step), offset=offset, total=len(idx))
+            yield Batch(x, idx.to(env.device), sizes, self.train.labels[mine])
+
+    def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
+        images = self.images if split == "train" else self.test_images
+        for a in range(lo, hi, self.eval_batch):
+            yield self.test_transform(images[a: min(a + self.eval_batch, hi)].to(self.env.device))
+
+    def pictures(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images[index]

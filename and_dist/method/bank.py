@@ -1,0 +1,74 @@
+"""The memory bank: one L2-normalised feature per training image, sharded by index range.
+
+Rank r owns rows [lo, hi) of the N x D bank, so no rank holds all of ImageNet's 1.28M rows; the
+loss (loss.py) and discovery (discovery.py) work shard by shard and combine exactly across ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+
+INIT_BLOCK = 65536  # rows drawn per seeded block, so the initial bank is the same for any world size
+
+
+class ShardedBank:
+    """This rank's slice of the N x D bank of L2-normalised features."""
+
+    def __init__(self, n: int, dim: int, temperature: float = 0.1, momentum: float = 0.5,
+                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.n, self.dim = n, dim
+        self.temperature, self.momentum = temperature, momentum
+        rank, world = dist.rank_world()
+        self.lo, self.hi = dist.shard_range(n, world, rank)
+        self.sizes = dist.shard_sizes(n, world)
+        self.rows = self._random_rows(seed).to(device, dtype)
+
+    def _random_rows(self, seed: int) -> torch.Tensor:
+        """Random unit vectors for rows [lo, hi), drawn in global seeded blocks."""
+        parts = []
+        for start in range(self.lo - self.lo % INIT_BLOCK, self.hi, INIT_BLOCK):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + start // INIT_BLOCK)
+            block = torch.randn(min(INIT_BLOCK, self.n - start), self.dim, generator=g)
+            parts.append(block[max(self.lo - start, 0): self.hi - start])
+        rows = torch.cat(parts) if parts else torch.empty(0, self.dim)
+        return F.normalize(rows, dim=1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def owned(self, idx: torch.Tensor) -> torch.Tensor:
+        return (idx >= self.lo) & (idx < self.hi)
+
+    @torch.no_grad()
+    def update(self, idx: torch.Tensor, feats: torch.Tensor) -> None:
+        """v_i <- normalise(m v_i + (1 - m) f_i) for the rows of `idx` this rank owns.
+
+        `idx`/`feats` are the whole global batch: updates are routed by index, so it does not
+        matter which rank computed which sample.
+        """
+        mine = self.owned(idx)
+        rows = idx[mine] - self.lo
+        mixed = self.momentum * self.rows[rows] + (1 - self.momentum) * feats[mine].to(self.rows)
+        self.rows[rows] = F.normalize(mixed, dim=1)
+
+    # Checkpoint owner, sharded: each rank saves its slice with its global range; loading takes
+    # every saved slice and copies the overlap with this rank's range, so any world size resumes.
+    sharded = True
+
+    def state_dict(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "n": self.n, "rows": self.rows.cpu()}
+
+    def load_state_dict(self, parts) -> None:
+        for part in parts:
+            if part["n"] != self.n:
+                raise ValueError(f"the checkpoint's bank has {part['n']} rows, this data set {self.n}")
+            self.load_rows(part["lo"], part["rows"])
+
+    def load_rows(self, lo: int, rows: torch.Tensor) -> None:
+        """Copy whatever part of global rows [lo, lo + len(rows)) falls in this rank's slice."""
+        a, b = max(lo, self.lo), min(lo + len(rows), self.hi)
+        if a < b:
+            self.rows[a - self.lo: b - self.lo] = rows[a - lo: b - lo].to(self.rows)

@@ -1,0 +1,53 @@
+"""What a run shows a person: the summary (summary.json and its closing lines) and the pictures
+of what AND found, drawn at each discovery and at the end of each round (rank 0 only)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .log import fmt, strict
+
+
+class Report:
+    def __init__(self, run_dir: Path, log, enabled: bool, pictures: bool = True):
+        self.dir, self.log, self.enabled, self.pictures = run_dir, log, enabled, pictures
+
+    def discovery(self, round_: int, curriculum, data, step: int) -> None:
+        """Anchors with their neighbours, and the entropy histogram with the anchor cut-off."""
+        if not (self.enabled and self.pictures):
+            return
+        from . import plots
+        nb = curriculum.nbhd
+        grid = plots.anchor_grid(self.dir / f"anchors-round{round_}.png", nb.entropy, nb.neighbours,
+                                 curriculum.anchor, data.train.labels, data.pictures, round_)
+        hist = plots.entropy_histogram(self.dir / f"entropy-round{round_}.png", nb.entropy,
+                                       curriculum.anchor, round_)
+        for key, path in (("pictures/anchors", grid), ("pictures/entropy", hist)):
+            if path is not None:
+                self.log.image(key, path, step)
+
+    def rounds(self, rows: list[dict], step: int) -> None:
+        if not (self.enabled and self.pictures):
+            return
+        from . import plots
+        path = plots.rounds_chart(self.dir / "rounds.png", rows)
+        self.log.image("pictures/rounds", path, step)
+
+    def summary(self, p, segment_seconds: float) -> dict:
+        summary = {"rounds": p.rounds, "best_bank_knn": p.best or None,
+                   "best_note": "best is picked on the test set; report final_knn as the result",
+                   "last_bank_knn_top1": p.last_knn[0] if p.last_knn else None,
+                   "seconds": p.seconds, "last_segment_seconds": segment_seconds, "segments": p.segments,
+                   "final_knn_top1": None, "final_knn_top5": None}
+        if p.rounds:
+            summary.update(final_knn_top1=p.rounds[-1]["knn_top1"], final_knn_top5=p.rounds[-1]["knn_top5"])
+        best = p.best.get("knn_top1") if p.best else None
+        self.log.info(f"final kNN (train features, test transforms): top-1 {fmt(summary['final_knn_top1'])} "
+                      f"top-5 {fmt(summary['final_knn_top5'])}; best per-epoch bank kNN top-1 {fmt(best)} "
+                      "(picked on the test set)")
+        self.log.event(event="final", step=p.global_step, knn_top1=summary["final_knn_top1"],
+                       knn_top5=summary["final_knn_top5"])
+        if self.enabled:
+            from .files import write_text
+            write_text(self.dir / "summary.json", json.dumps(strict(summary), indent=2, allow_nan=False))
+        return summary
