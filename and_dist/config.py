@@ -87,7 +87,7 @@ class BankConfig:
 class CurriculumConfig:
     rounds: int = opt(5, check=AT_LEAST_ONE)
     method: str = opt("and", choices=("and", "instance"))  # instance: same budget, no anchors (baseline)
-    anchor_rate: float = opt(0.25, check=PROBABILITY)  # 0 means no anchors, like method=instance
+    anchor_rate: float = opt(0.25, check=FRACTION)
     neighbours: int = opt(1, check=AT_LEAST_ONE)
 
 
@@ -349,7 +349,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("run_dir with a checkpoint path in resume: use resume=auto to continue run_dir's run")
     if cfg.data.loader == "cached" and cfg.data.image_size > MAX_CACHED_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: the in-memory uint8 loader is for "
-                          f"images up to {MAX_CACHED_SIZE} px; use data.loader=dali or data.loader=torch "
+                          f"images up to {MAX_CACHED_SIZE} px; use data.loader=dali (DALI) or data.loader=torch "
                           "to stream larger images")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"config key 'name' must be a plain folder name; got {cfg.name!r}")

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from and_dist.bank import ShardedBank
-from and_dist.discovery import anchor_count, discover, select_anchors
+from and_dist.method.bank import ShardedBank
+from and_dist.method.curriculum import anchor_count, select_anchors
+from and_dist.method.discovery import discover
 
 
 def reference(bank: torch.Tensor, k: int, count: int, T: float, loop_sample: int | None):

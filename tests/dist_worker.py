@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from and_dist import dist
-from and_dist.bank import ShardedBank
-from and_dist.discovery import discover
-from and_dist.knn import knn_accuracy
+from and_dist.method.bank import ShardedBank
+from and_dist.method.discovery import discover
+from and_dist.eval.knn import knn_accuracy
 
 
 def main(mode: str, out: str) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from and_dist import rundir
 from and_dist.config import (
-    Config, ConfigError, config_or_exit, load_config, parse_args, run_dir, save_config, to_dict,
+    Config, ConfigError, config_or_exit, load_config, parse_args, save_config, to_dict,
     validate,
 )
 
@@ -58,7 +59,9 @@ def test_all_shipped_configs_parse():
 def test_name_and_out_dir(tmp_path):
     cfg = load_config("demo", ["name=run1", "out_dir=~/somewhere"])
     assert cfg.out_dir == os.path.expanduser("~/somewhere")
-    assert run_dir(cfg) == Path(os.path.expanduser("~/somewhere")) / "run1"
+    run, resuming = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, cfg.resume)
+    assert run.parent == Path(os.path.expanduser("~/somewhere")) / "run1" and not resuming
+    run.rmdir()
     assert "name" in error("demo", ["name=a/b"])
 
 
@@ -101,7 +104,7 @@ def test_unknown_key_without_close_match_lists_section():
 
 
 def test_key_missing_its_section_suggests_full_path():
-    assert "did you mean 'train.batch_size'?" in error("demo", ["batch_size=3"])
+    assert "did you mean 'train.batch_size'" in error("demo", ["batch_size=3"])
 
 
 @pytest.mark.parametrize("override, expected", [

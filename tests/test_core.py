@@ -3,9 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from and_dist.bank import ShardedBank, and_loss, positive_sets
-from and_dist.discovery import anchor_count, consistency, discover, select_anchors
-from and_dist.knn import knn_accuracy
+from and_dist.method.bank import ShardedBank
+from and_dist.method.curriculum import positive_sets
+from and_dist.method.loss import and_loss
+from and_dist.method.curriculum import anchor_count, consistency, select_anchors
+from and_dist.method.discovery import discover
+from and_dist.eval.knn import knn_accuracy
 
 
 def naive_discovery(bank_rows, temperature, k):

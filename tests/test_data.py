@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from and_dist import data as data_mod
-from and_dist.augment import CIFAR_MEAN, CIFAR_STD, TrainAugment, hsv_to_rgb, rgb_to_hsv
-from and_dist.augment import TestTransform as EvalTransform   # alias: keep pytest from collecting it
+from and_dist.data import cached as data_mod
+from and_dist.data.augment import CIFAR_MEAN, CIFAR_STD, TrainAugment, hsv_to_rgb, rgb_to_hsv
+from and_dist.data.augment import TestTransform as EvalTransform   # alias: keep pytest from collecting it
 from and_dist.data import load_datasets
-from and_dist.demo_data import CLASSES, make_demo
+from and_dist.data.demo import CLASSES, make_demo
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from and_dist.bank import ShardedBank
-from and_dist.discovery import discover, select_anchors
+from and_dist.method.bank import ShardedBank
+from and_dist.method.curriculum import select_anchors
+from and_dist.method.discovery import discover
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -40,11 +41,11 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 TINY = ["--config", "demo", "data.demo_train=300", "data.demo_test=100", "model.arch=convnet_gn",
         "train.batch_size=60", "train.epochs_per_round=3", "curriculum.rounds=2",
         "curriculum.anchor_rate=0.5", "eval.knn_k=20", "log.progress=false", "train.threads=1",
-        "discovery.chunk=64", "train.dtype=float64"]
+        "discovery.chunk=64", "train.dtype=float64", "log.every_steps=1"]
 
 
 def train(world: int, out_dir: Path, name: str, *extra: str) -> subprocess.Popen:
-    return torchrun(world, ["-m", "and_dist.train", *TINY, f"out_dir={out_dir}", f"name={name}", *extra])
+    return torchrun(world, ["-m", "and_dist.train", *TINY, f"run_dir={out_dir / name}", f"name={name}", *extra])
 
 
 def step_losses(run: Path) -> list[float]:
@@ -159,7 +160,7 @@ def test_sharded_knn_equals_single_process(tmp_path):
     code, log = finish(torchrun(3, [str(HERE / "dist_worker.py"), "knn", str(out)]))
     assert code == 0, log
     import torch.nn.functional as F
-    from and_dist.knn import knn_accuracy
+    from and_dist.eval.knn import knn_accuracy
     g = torch.Generator().manual_seed(0)
     train_f = F.normalize(torch.randn(1001, 32, generator=g), dim=1)
     labels = torch.randint(0, 10, (1001,), generator=g)

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from and_dist.models import ARCHS, AlexNetBN, EmbeddingNet, build_model
-from and_dist.syncbn import GlobalBatchNorm, convert_global_bn
+from and_dist.models import GlobalBatchNorm, convert_global_bn
 
 # (arch, input side, batch): imagenet ResNets pool adaptively so 64px is enough;
 # AlexNet's fc6 expects 256x6x6, i.e. a 224px input.
@@ -106,8 +106,9 @@ def test_alexnet_conv_features():
     trunk.eval()
     with torch.no_grad():
         feats = trunk.conv_features(torch.randn(1, 3, 224, 224))
-    expected = {"conv1": (96, 27, 27), "conv2": (256, 13, 13), "conv3": (384, 13, 13),
-                "conv4": (384, 13, 13), "conv5": (256, 6, 6)}  # fmt: skip
+    # after each ReLU, before the max-pools (the probes' taps)
+    expected = {"conv1": (96, 55, 55), "conv2": (256, 27, 27), "conv3": (384, 13, 13),
+                "conv4": (384, 13, 13), "conv5": (256, 13, 13)}  # fmt: skip
     assert list(feats) == list(expected)
     for name, shape in expected.items():
         assert isinstance(getattr(trunk, name), nn.Sequential)
@@ -147,3 +148,13 @@ def test_global_bn_is_plain_bn_in_one_process():
     assert torch.allclose(converted(x), ref, atol=1e-6)
     gn = convert_global_bn(build_model("convnet_gn"))
     assert not any(isinstance(m, GlobalBatchNorm) for m in gn.modules())
+
+
+def test_alexnet_builds_for_its_input_size_or_refuses_in_one_line():
+    from and_dist.errors import UserError
+    for size in (64, 96, 224):
+        model = build_model("alexnet_bn", image_size=size).eval()
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, size, size)).shape == (2, 128)
+    with pytest.raises(UserError, match="at least 63 px"):
+        build_model("alexnet_bn", image_size=32)

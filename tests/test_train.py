@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from and_dist import rundir
 from and_dist.config import load_config
-from and_dist.train import global_batches, lr_at
+from and_dist.data.sampler import global_batches
+from and_dist.trainer import lr_at
 
 REPO = Path(__file__).parent.parent
 
@@ -23,9 +25,10 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     proc = run_train("--config", "demo", f"out_dir={out}", "name=small", "data.demo_train=500",
                      "data.demo_test=200", "curriculum.rounds=3", "train.epochs_per_round=2",
-                     "eval.knn_k=20", "log.wandb_mode=offline", "train.threads=1")
+                     "eval.knn_k=20", "log.wandb_mode=offline", "train.threads=1", "log.every_steps=1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out / "small", proc.stdout
+    (run,) = rundir.runs_of(out / "small")
+    return run, proc.stdout
 
 
 def test_demo_prints_the_round_table(demo_run):
@@ -80,13 +83,22 @@ def test_global_batches_cover_every_sample_once_and_depend_only_on_seed_round_ep
     assert not a[0].equal(global_batches(1000, 128, 3, 0, 1, 3)[0])
 
 
-def test_a_fresh_run_in_a_used_directory_replaces_its_metrics(tmp_path):
+def test_fresh_runs_never_overwrite_each_other_and_resume_auto_finds_the_latest(tmp_path):
     args = ["--config", "demo", f"out_dir={tmp_path}", "name=again", "data.demo_train=200",
             "data.demo_test=50", "curriculum.rounds=1", "train.epochs_per_round=1", "eval.knn_k=10",
-            "train.threads=1"]
+            "train.threads=1", "log.every_steps=1"]
     for _ in range(2):
         proc = run_train(*args)
         assert proc.returncode == 0, proc.stderr
-    assert "holds an earlier run" in proc.stdout
-    events = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(e["event"] == "step" for e in events) == 2  # 200 samples / 128: one run's two steps
+    first, second = rundir.runs_of(tmp_path / "again")
+    for run in (first, second):
+        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert sum(e["event"] == "step" for e in events) == 2  # 200 samples / 128: one run's two steps
+        assert (run / "checkpoints" / "r0-end" / "state.pt").exists() and (run / "summary.json").exists()
+        assert f"run directory {run}" in proc.stdout or run == first
+    proc = run_train(*args, "resume=auto", "curriculum.rounds=2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"run directory {second}" in proc.stdout and "resuming" in proc.stdout
+    assert rundir.runs_of(tmp_path / "again") == [first, second]
+    assert len(json.loads((second / "summary.json").read_text())["rounds"]) == 2
+    assert len(json.loads((first / "summary.json").read_text())["rounds"]) == 1

@@ -10,11 +10,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from and_dist.augment import TestTransform
+from and_dist.data.augment import TestTransform
 from and_dist.config import config_or_exit
 from and_dist.data import load_datasets
-from and_dist.knn import knn_accuracy
-from and_dist.train import channel_stats
+from and_dist.data.cached import channel_stats
+from and_dist.eval.knn import knn_accuracy
 
 
 def main(argv=None) -> None:

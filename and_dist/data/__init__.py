@@ -35,19 +35,23 @@ def check_root(source: str, root: str, download: bool) -> None:
         raise UserError(f"data.root '{root}' is a file; data.source={source} needs a folder holding {what}")
     if not os.path.isdir(root):
         raise UserError(f"data.root '{root}' is not an existing folder; data.source={source} needs {what} under it{hint}")
-    missing = [n for n in needed if not os.path.exists(os.path.join(root, n))]
+    if source == "imagefolder":
+        needed = ["train/", "test/"]
+    present = lambda n: os.path.exists(os.path.join(root, n)) or (n == "test/" and os.path.isdir(os.path.join(root, "val")))
+    missing = [n for n in needed if not present(n)]
     if missing:
         more = ", or set data.download=true" if can_download else ""
-        raise UserError(f"data.root '{root}' has no {' and '.join(missing)} "
+        kind = ("folder" if missing[0].endswith("/") else "file") + ("s" if len(missing) > 1 else "")
+        raise UserError(f"data.root '{root}' has no {' and '.join(missing)} {kind} "
                         f"(expected {what} for data.source={source}{more})")
-    if source == "imagefolder":
-        test_split(root)
 
 
 def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None, download: bool = False,
                   workers: int = 2, demo_train: int = 5000, demo_test: int = 1000, demo_seed: int = 0,
                   log=print, progress: bool = True) -> tuple[ImageSet, ImageSet]:
     """(train, test) decoded into memory for `source` (one of SOURCES)."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown dataset source {source!r}; valid: {', '.join(SOURCES)}")
     if source == "demo":
         from .demo import make_demo
         return make_demo(demo_train, demo_test, demo_seed, image_size)

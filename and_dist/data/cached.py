@@ -54,7 +54,7 @@ def _cache_key(root: str, split: str, image_size: int, paths: list[str]) -> str:
 def _decode(path: str, size: int) -> np.ndarray:
     with Image.open(path) as img:
         img.load()                              # force full decode so truncated files fail here
-        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))
     x = resize_center_crop(x.permute(2, 0, 1)[None].float(), size)[0]
     return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist
+from ..errors import UserError
 
 INIT_BLOCK = 65536  # rows drawn per seeded block, so the initial bank is the same for any world size
 
@@ -64,7 +65,8 @@ class ShardedBank:
     def load_state_dict(self, parts) -> None:
         for part in parts:
             if part["n"] != self.n:
-                raise ValueError(f"the checkpoint's bank has {part['n']} rows, this data set {self.n}")
+                raise UserError(f"the checkpoint's memory bank has {part['n']} rows but this data set has "
+                                f"{self.n} samples: it was made on other data; start a fresh run")
             self.load_rows(part["lo"], part["rows"])
 
     def load_rows(self, lo: int, rows: torch.Tensor) -> None:
