@@ -56,6 +56,19 @@ def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_ru
     assert any((run / "wandb").glob("offline-run-*"))
 
 
+def test_load_model_rebuilds_the_trained_model_from_a_run_directory(demo_run):
+    import torch
+    from and_dist import checkpoint
+    from and_dist.eval.pretrained import load_model
+    run, _ = demo_run
+    model, cfg, ckpt = load_model(run)
+    assert cfg.name == "small" and cfg.model.arch == "convnet_small" and ckpt.name == "r2-end"
+    saved = checkpoint.read_state(ckpt)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert not model.training and model(torch.rand(2, 3, 32, 32)).shape == (2, 128)
+    assert load_model(run / "checkpoints" / "r2-end")[2] == ckpt
+
+
 @pytest.mark.parametrize("args,needle", [
     (["train.epochs_per_rnd=2"], "did you mean 'train.epochs_per_round'"),
     (["train.batch_size=abc"], "expects int"),
