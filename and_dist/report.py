@@ -51,3 +51,10 @@ class Report:
             from .files import write_text
             write_text(self.dir / "summary.json", json.dumps(strict(summary), indent=2, allow_nan=False))
         return summary
+
+
+def round_table(rows: list[dict]) -> str:
+    lines = ["round  anchors  consistency  kNN top-1"]
+    for r in rows:
+        lines.append(f"{r['round']:>5}  {r['anchors']:>7}  {fmt(r['consistency'], '.4f'):>11}  {r['knn_top1']:>9.2f}")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ import torch
 from . import checkpoint
 from .eval.knn import knn_eval
 from .log import fmt
+from .report import round_table
 from .method.discovery import discover
 from .method.loss import and_loss
 
@@ -162,10 +163,3 @@ class Trainer:
         transforms)."""
         self.tick()
         return self.report.summary(self.p, time.time() - self.clock[0])
-
-
-def round_table(rows: list[dict]) -> str:
-    lines = ["round  anchors  consistency  kNN top-1"]
-    for r in rows:
-        lines.append(f"{r['round']:>5}  {r['anchors']:>7}  {fmt(r['consistency'], '.4f'):>11}  {r['knn_top1']:>9.2f}")
-    return "\n".join(lines)

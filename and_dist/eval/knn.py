@@ -48,27 +48,33 @@ def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats:
     return 100.0 * correct1 / n, 100.0 * correct5 / n
 
 
+class _Silent:
+    def update(self, n=1): pass
+    def close(self): pass
+
+
 def knn_eval(model, data, env, k: int, sigma: float, train_feats: torch.Tensor | None = None,
              dtype: torch.dtype = torch.float32, bar=None, autocast: bool = False) -> tuple[float, float]:
     """kNN top-1/top-5 (%) of the test split against this rank's slice of train features: the bank
     rows if given, else recomputed with the test transform. Test features are computed shard by
-    shard and shared; train features stay sharded."""
-    from ..eval.features import extract
-    bar = bar or (lambda total, desc: None)
-    n_train, n_test = len(data.train), len(data.test)
+    shard and shared; train features stay sharded. `bar(total, desc)` makes a progress bar."""
+    from .features import extract
+    bar = bar or (lambda total, desc: _Silent())
+
+    def features(split: str, lo: int, hi: int) -> torch.Tensor:
+        b = bar(hi - lo, f"{split} features")
+        out = extract(model, data.eval_images(split, lo, hi), dtype, b.update, autocast=autocast)
+        b.close()
+        return out
+
+    lo, hi = dist.shard_range(len(data.train), env.world, env.rank)
     if train_feats is None:
-        lo, hi = dist.shard_range(n_train, env.world, env.rank)
-        b = bar(hi - lo, "train features")
-        train_feats = extract(model, data.eval_images("train", lo, hi), dtype, b and b.update, autocast=autocast)
-        b and b.close()
-    lo_t, hi_t = dist.shard_range(n_train, env.world, env.rank)
-    lo, hi = dist.shard_range(n_test, env.world, env.rank)
-    b = bar(hi - lo, "test features")
-    test = extract(model, data.eval_images("test", lo, hi), dtype, b and b.update, autocast=autocast)
-    b and b.close()
+        train_feats = features("train", lo, hi)
+    n_test = len(data.test)
+    test = features("test", *dist.shard_range(n_test, env.world, env.rank))
     test = dist.all_gather_rows(test.to(train_feats.dtype), dist.shard_sizes(n_test, env.world))
     b = bar(n_test, "kNN")
-    acc = knn_accuracy(test, data.test.labels, train_feats, data.train.labels[lo_t:hi_t],
-                       len(data.train.classes), k, sigma, progress=b and b.update)
-    b and b.close()
+    acc = knn_accuracy(test, data.test.labels, train_feats, data.train.labels[lo:hi],
+                       len(data.train.classes), k, sigma, progress=b.update)
+    b.close()
     return acc
