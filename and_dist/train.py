@@ -86,7 +86,7 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
         checkpoint.load(ckpt, owners)
     _banner(log, cfg, env, run, data, ckpt, progress)
     log.start_wandb()
-    report = Report(run, log, env.is_main, pictures=False)
+    report = Report(run, log, env.is_main)
     return Trainer(cfg, env, run, data, model, ddp, opt, bank, curriculum, progress, owners, log, report, stop)
 
 

@@ -1,0 +1,253 @@
+"""The run's pictures, as PNG files a person reads at a glance: the anchors AND picked with the
+neighbours it found for them, the entropy histogram with the anchor cut-off, per-round progress,
+probe accuracies, and several runs side by side.
+
+Figures are drawn on matplotlib's Agg canvas directly (never through pyplot), so drawing neither
+switches a global backend nor keeps figures alive. Every file is written under a temporary name
+and renamed, so a reader never sees half a picture.
+"""
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+DPI = 100
+TILE = 64                  # thumbnails are upscaled (nearest neighbour) to TILE x TILE pixels
+BORDER = 4                 # frame width around each thumbnail
+FRAME = TILE + 2 * BORDER
+GAP = 6                    # between frames
+ANCHOR_GAP = 18            # extra space between an anchor and its neighbours
+LEFT, RIGHT, TOP, BOTTOM = 110, 12, 96, 12
+MIN_WIDTH = 520            # room for the title when k is small
+MAX_NEIGHBOURS = 10        # columns shown when k is large
+SAME = (0, 170, 0)         # neighbour has the anchor's true label
+OTHER = (220, 0, 0)        # it has not
+ANCHOR = (60, 60, 60)
+
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=DPI)
+    os.replace(tmp, path)
+    return path
+
+
+def grid_size(rows: int, cols: int) -> tuple[int, int, int]:
+    """(width, height, x0) in pixels of an anchor grid of `rows` anchors and `cols` columns
+    (anchor + neighbours); x0 is where the grid starts, centred when the title is wider."""
+    grid_w = cols * FRAME + (cols - 1) * GAP + ANCHOR_GAP
+    width = max(MIN_WIDTH, LEFT + grid_w + RIGHT)
+    x0 = LEFT + (width - LEFT - RIGHT - grid_w) // 2
+    return width, TOP + rows * FRAME + (rows - 1) * GAP + BOTTOM, x0
+
+
+def tile_box(row: int, col: int, rows: int, cols: int) -> tuple[int, int]:
+    """(top, left) pixel of the frame of tile (row, col) in the saved anchor grid; col 0 is the anchor."""
+    x0 = grid_size(rows, cols)[2]
+    left = x0 + col * (FRAME + GAP) + (ANCHOR_GAP if col else 0)
+    return TOP + row * (FRAME + GAP), left
+
+
+def _thumbnail(picture: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(picture).resize((TILE, TILE), Image.NEAREST))
+
+
+def _pick_anchors(entropy: torch.Tensor, anchor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Up to `rows` anchors spread evenly over their entropy ranking: lowest first, the one at
+    the cut-off last."""
+    idx = anchor.nonzero()[:, 0]
+    idx = idx[torch.sort(entropy[idx], stable=True).indices]
+    at = torch.linspace(0, len(idx) - 1, min(rows, len(idx))).round().long().unique()
+    return idx[at]
+
+
+def anchor_grid(path: Path, entropy: torch.Tensor, neighbours: torch.Tensor, anchor: torch.Tensor,
+                labels: torch.Tensor, pictures: Callable[[torch.Tensor], torch.Tensor], round_: int,
+                rows: int = 8) -> Path | None:
+    """Anchors (one per row, spread over the entropy ranking) each followed by its discovered
+    neighbours, framed green when a neighbour shares the anchor's true label and red when not.
+    The labels only colour the picture. None when there are no anchors."""
+    if anchor is None or not anchor.any():
+        return None
+    entropy, neighbours, anchor, labels = (t.cpu() for t in (entropy, neighbours, anchor, labels))
+    chosen = _pick_anchors(entropy, anchor, rows)
+    k = min(neighbours.shape[1], MAX_NEIGHBOURS)
+    nbrs = neighbours[chosen, :k]
+    images = pictures(torch.cat([chosen[:, None], nbrs], 1).flatten()).cpu().numpy()
+    n_rows, cols = len(chosen), k + 1
+    width, height, x0 = grid_size(n_rows, cols)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    same = labels[nbrs] == labels[chosen][:, None]
+    for r in range(n_rows):
+        for c in range(cols):
+            top, left = tile_box(r, c, n_rows, cols)
+            colour = ANCHOR if c == 0 else (SAME if same[r, c - 1] else OTHER)
+            canvas[top: top + FRAME, left: left + FRAME] = colour
+            canvas[top + BORDER: top + BORDER + TILE, left + BORDER: left + BORDER + TILE] = \
+                _thumbnail(images[r * cols + c])
+    fig = _figure(width / DPI, height / DPI)
+    fig.figimage(canvas, 0, 0, origin="upper")
+
+    def text(x, y, s, **kw):           # pixel coordinates, y from the top
+        fig.text(x / width, 1 - y / height, s, **kw)
+
+    n, m = len(entropy), int(anchor.sum())
+    cut = entropy[anchor].max().item()
+    text(width / 2, 8, f"Round {round_}: anchors and their discovered neighbours",
+         ha="center", va="top", fontsize=12, weight="bold")
+    shown = f"first {k} of {neighbours.shape[1]} neighbours" if k < neighbours.shape[1] else \
+        f"{k} neighbour{'s' * (k > 1)}"
+    note = (f"{m} anchors of {n} samples (entropy <= {cut:.3f}); {n_rows} shown, lowest entropy on top; "
+            f"{shown} per anchor. Border: green = same true label as the anchor, "
+            f"red = different (labels used for this picture only).")
+    text(width / 2, 28, "\n".join(textwrap.wrap(note, int((width - 30) / 6.2))),
+         ha="center", va="top", fontsize=8, color="0.25")
+    for c in range(cols):
+        left = tile_box(0, c, n_rows, cols)[1]
+        text(left + FRAME / 2, TOP - 4, "anchor" if c == 0 else f"nbr {c}", ha="center", va="bottom",
+             fontsize=8)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[torch.sort(entropy, stable=True).indices] = torch.arange(1, n + 1)
+    for r, i in enumerate(chosen.tolist()):
+        top = tile_box(r, 0, n_rows, cols)[0]
+        text(x0 - 8, top + FRAME / 2, f"H {entropy[i].item():.3f}\nrank {rank[i].item()} of {n}",
+             ha="right", va="center", fontsize=8)
+    return _save(fig, path)
+
+
+def entropy_histogram(path: Path, entropy: torch.Tensor, anchor: torch.Tensor | None, round_: int) -> Path:
+    """Histogram of the bank's entropies, anchors stacked apart, with the cut-off line and the
+    anchor share."""
+    e = entropy.detach().double().cpu().numpy()
+    a = np.zeros(len(e), bool) if anchor is None else anchor.cpu().numpy().astype(bool)
+    fig = _figure(7, 4.2)
+    ax = fig.add_subplot()
+    bins = np.histogram_bin_edges(e[np.isfinite(e)], bins=50)
+    ax.hist([e[a], e[~a]], bins=bins, stacked=True, color=["tab:orange", "tab:blue"],
+            label=["anchors", "other samples"])
+    box = dict(boxstyle="round", facecolor="white", edgecolor="0.7")
+    if a.any():
+        cut = e[a].max()
+        ax.axvline(cut, color="black", linestyle="--", linewidth=1.2, label=f"anchor cut-off {cut:.3f}")
+        share = f"anchors: {100 * a.mean():.1f}%\n({a.sum()} of {len(e)} samples)"
+    else:
+        share = "no anchors this round"
+    ax.text(0.98, 0.96, share, transform=ax.transAxes, ha="right", va="top", fontsize=9, bbox=box)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)           # headroom for the legend and the share
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"Round {round_}: entropy of each sample's similarity softmax over the bank")
+    ax.set_xlabel(f"entropy (nats; uniform over the bank = {math.log(len(e)):.2f})")
+    ax.set_ylabel("samples")
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _values(rows: list[dict], key: str, scale: float = 1.0) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else scale * r[key] for r in rows], dtype=float)
+
+
+def _label_points(ax, x, y, fmt: str) -> None:
+    if len(x) <= 12:
+        for xi, yi in zip(x, y):
+            if np.isfinite(yi):
+                ax.annotate(format(yi, fmt), (xi, yi), textcoords="offset points", xytext=(0, 6),
+                            ha="center", fontsize=8)
+
+
+def _round_axis(ax, rounds) -> None:
+    """Whole round numbers on the x axis, every one of them while there are few."""
+    rounds = sorted(set(rounds))
+    ax.set_xlabel("round")
+    if rounds and len(rounds) <= 20:
+        ax.set_xticks(rounds)
+        ax.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def rounds_chart(path: Path, rows: list[dict]) -> Path:
+    """Per round: kNN accuracy (left) and neighbourhood consistency with the anchor count (right)."""
+    x = np.array([r["round"] for r in rows])
+    fig = _figure(10, 4)
+    knn = fig.add_subplot(1, 2, 1)
+    cons = fig.add_subplot(1, 2, 2, sharex=knn)
+    top1 = _values(rows, "knn_top1")
+    knn.plot(x, top1, "o-", color="tab:blue", label="top-1")
+    knn.plot(x, _values(rows, "knn_top5"), "s--", color="tab:blue", alpha=0.5, label="top-5")
+    _label_points(knn, x, top1, ".1f")
+    knn.margins(y=0.2)
+    knn.set_title("kNN accuracy on the test set")
+    knn.set_ylabel("accuracy (%)")
+    knn.legend(fontsize=9)
+    c = _values(rows, "consistency", 100.0)
+    cons.plot(x, c, "o-", color="tab:green")
+    if len(x) <= 12:
+        for xi, ci, r in zip(x, c, rows):
+            if np.isfinite(ci):
+                cons.annotate(f"{ci:.1f}\n{r['anchors']} anchors", (xi, ci), textcoords="offset points",
+                              xytext=(0, 6), ha="center", fontsize=7)
+    if not np.isfinite(c).any():
+        cons.text(0.5, 0.5, "no anchors yet", transform=cons.transAxes, ha="center", color="0.4")
+    cons.set_ylim(0, 110)
+    cons.set_title("Neighbourhood consistency")
+    cons.set_ylabel("anchor-neighbour pairs, same label (%)")
+    for ax in (knn, cons):
+        _round_axis(ax, x.tolist())
+        ax.grid(alpha=0.3)
+    fig.suptitle("Progress per round")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def probe_chart(path: Path, top1_by_layer: dict[str, float], knn: float | None, title: str) -> Path:
+    """Top-1 of a probe on each layer, in the given order, and the kNN top-1 when given."""
+    names, values = list(top1_by_layer), [float(v) for v in top1_by_layer.values()]
+    colours = ["tab:blue"] * len(names)
+    if knn is not None:
+        names, values, colours = names + ["kNN"], values + [float(knn)], colours + ["tab:orange"]
+    fig = _figure(max(5, 1 + 0.9 * len(names)), 4)
+    ax = fig.add_subplot()
+    bars = ax.bar(names, values, color=colours)
+    ax.bar_label(bars, fmt="%.1f", fontsize=9, padding=2)
+    ax.set_ylim(0, max(values + [1.0]) * 1.15)
+    ax.set_title(title)
+    ax.set_xlabel("probed layer" + (" (and kNN on the embedding)" if knn is not None else ""))
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path:
+    """kNN top-1 per round of several runs, one line each, for comparing configurations."""
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    for n, (label, rows) in enumerate(series.items()):     # markers tell overlapping lines apart
+        ax.plot([r["round"] for r in rows], _values(rows, "knn_top1"), marker="os^Dv"[n % 5],
+                linestyle=("-", "--", ":", "-.")[n % 4], markersize=9 - 2.5 * (n % 3), label=label)
+    ax.set_title("kNN top-1 per round")
+    _round_axis(ax, [r["round"] for rows in series.values() for r in rows])
+    ax.set_ylabel("kNN top-1 on the test set (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
