@@ -218,3 +218,10 @@ def test_instance_baseline_makes_no_anchors_and_trains_the_same_steps(tmp_path):
     assert steps["and"] == steps["instance"] > 0
     anchors = {m: [e["anchors"] for e in ev if e["event"] == "round"] for m, ev in runs.items()}
     assert anchors == {"and": [0, 50], "instance": [0, 0]}
+    # the pictures of a 2-round run: anchors with neighbours, entropy histogram, per-round chart
+    sizes = {}
+    for name in ("anchors-round1.png", "entropy-round1.png", "rounds.png"):
+        with Image.open(tmp_path / "and" / name) as im:
+            sizes[name] = im.size
+    assert all(w >= 300 and h >= 250 for w, h in sizes.values()), sizes
+    assert not (tmp_path / "instance" / "anchors-round1.png").exists()   # no anchors, no grid
