@@ -30,6 +30,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # ----- schema (defaults = the paper's CIFAR setting)
 
+AUTO_OR_POSITIVE = ("must be 'auto' or a positive integer", lambda v: v == "auto" or (type(v) is int and v > 0))
+
 @dataclass
 class DataConfig:
     source: str = opt("demo", choices=SOURCES)
@@ -43,6 +45,7 @@ class DataConfig:
     jitter: float = opt(0.4, check=NON_NEGATIVE)
     grayscale_p: float = opt(0.2, check=PROBABILITY)
     workers: int = opt(2, check=NON_NEGATIVE)  # decode threads
+    eval_resize: int = opt(0, check=NON_NEGATIVE)  # streamed eval: shorter side before the centre crop; 0 = image_size*256/224
     demo_train: int = opt(5000, check=POSITIVE)
     demo_test: int = opt(1000, check=POSITIVE)
     demo_seed: int = 0
@@ -59,6 +62,7 @@ class ModelConfig:
 class BankConfig:
     temperature: float = opt(0.1, check=POSITIVE)
     momentum: float = opt(0.5, check=MOMENTUM)
+    kernel: str = opt("auto", choices=("auto", "exact", "attention"))  # loss normaliser; auto: attention on CUDA
 
 
 @dataclass
@@ -71,9 +75,10 @@ class CurriculumConfig:
 
 @dataclass
 class DiscoveryConfig:
-    backend: str = opt("torch", choices=("torch", "faiss"))
-    chunk: int = opt(2048, check=POSITIVE)
-    precision: str = opt("fp32", choices=("fp32", "bf16"))
+    backend: str = opt("torch", choices=("torch", "faiss"))  # kNN search of the exact/attention kernels
+    chunk: int | str = opt("auto", check=AUTO_OR_POSITIVE)  # rows per similarity block; auto: from free memory
+    kernel: str = opt("auto", choices=("auto", "exact", "attention", "fused"))  # auto: fused on CUDA, else exact
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16x3", "bf16"))  # auto: bf16x3 (fused), fp32
 
 
 @dataclass
@@ -130,6 +135,7 @@ class ProbeConfig:
     weight_decay: float = opt(5e-4, check=NON_NEGATIVE)
     lr_decay_epochs: list[int] = opt([10, 20])
     lr_gamma: float = opt(0.1, check=FRACTION)
+    crop_scale: list[float] = opt([0.08, 1.0], check=SCALE_RANGE)  # RandomResizedCrop area of probe training images
     batch_norm: bool = True  # BatchNorm without affine before each linear layer
     ten_crop: bool = False
     after_train: bool = False  # run the probes right after pretraining, in the same job

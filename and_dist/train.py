@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint, dist, rundir
+from . import checkpoint, dist, precision, rundir
 from .config import Config, config_or_exit, save_config, to_dict
 from .data import build_data
 from .errors import EXIT_USER_ERROR, UserError
@@ -24,6 +24,7 @@ from .log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
 from .models import build_model, convert_global_bn
+from .probe import run_probes
 from .report import Report
 from .state import RNG, Progress, RunConfig
 from .stop import Stop
@@ -71,9 +72,11 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     if cfg.model.sync_bn and env.world > 1:
         model = convert_global_bn(model)
     model = model.to(env.device, dtype)
+    channels_last = precision.set_layout(model, env.device)
     ddp = model
     if env.world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    ddp = precision.wrap(ddp, env.device, t.precision, channels_last, t.compile, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                           weight_decay=t.weight_decay)
     bank = ShardedBank(len(data.train), cfg.model.low_dim, cfg.bank.temperature, cfg.bank.momentum,
@@ -125,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         with Stop() as stop:
             trainer = build(cfg, env, run, ckpt, stop)
             try:
-                summary = trainer.run()
+                done = trainer.run() is not None
+                if done and cfg.probe.after_train:
+                    done = run_probes(cfg, env, run, trainer.model, trainer.log, stop=stop,
+                                      step=trainer.p.global_step) is not None
             finally:
                 trainer.log.close()
-            status = 0 if summary is not None else stop.exit_status()
+            status = 0 if done else stop.exit_status()
         del trainer  # DDP must go before its process group, or gloo aborts at exit
         return status
     except UserError as e:

@@ -17,6 +17,7 @@ from .eval.knn import knn_eval
 from .log import fmt
 from .report import round_table
 from .method.discovery import discover
+from .method.attention import select_shard_fn
 from .method.loss import and_loss
 
 
@@ -64,7 +65,7 @@ class Trainer:
         c, r, t0 = self.cfg, self.p.round, time.time()
         bar = self.log.bar(self.bank.n, f"round {r} discovery")
         nbhd = discover(self.bank, c.curriculum.neighbours, c.discovery.chunk, c.discovery.backend,
-                        c.discovery.precision, progress=bar.update)
+                        c.discovery.precision, progress=bar.update, kernel=c.discovery.kernel)
         bar.close()
         count = self.curriculum.set_round(r, nbhd)
         cons = self.curriculum.consistency(self.data.train.labels)
@@ -112,9 +113,11 @@ class Trainer:
         return True
 
     def step(self, batch) -> torch.Tensor:
+        """One step; it adds no host sync (the loss stays on the device)."""
         feats = self.ddp(batch.images.to(self.dtype))
         positives = self.curriculum.positives(batch.index)
-        objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes)
+        shard_fn = select_shard_fn(self.cfg.bank.kernel, self.env.device)
+        objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes, shard_fn)
         self.opt.zero_grad(set_to_none=True)
         objective.backward()
         self.opt.step()

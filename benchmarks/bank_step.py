@@ -25,7 +25,12 @@ batch): a check that the baseline computes the same objective.
 Rank 0 of each job appends one JSON line to --results; the parent prints the table with the
 ratios replicated / sharded measured in this run.
 
-Run:  .venv/bin/python benchmarks/bank_step.py --sizes 100000 500000 --worlds 1 2
+One device (--device cuda or cpu): the attention fast path vs the exact path vs the released
+code's replicated softmax on a structured bank (clustered rows), with agreement.
+
+Run:  .venv/bin/python benchmarks/bank_step.py --device cuda --sizes 100000 1281167 --steps 50
+      .venv/bin/python benchmarks/bank_step.py --device cpu --sizes 50000 --steps 5 --threads 2
+      .venv/bin/python benchmarks/bank_step.py --sizes 100000 500000 --worlds 1 2
       .venv/bin/python benchmarks/bank_step.py                        # N 100k, 500k, 1.28M; W 1, 2, 4
       .venv/bin/python benchmarks/bank_step.py --sizes 20000 --worlds 1 2 --steps 3   # quick
 """
@@ -50,7 +55,9 @@ def worker(args) -> None:
     import torch.nn.functional as F
 
     from and_dist import dist
-    from and_dist.bank import INIT_BLOCK, ShardedBank, and_loss, positive_sets
+    from and_dist.method.bank import INIT_BLOCK, ShardedBank
+    from and_dist.method.curriculum import positive_sets
+    from and_dist.method.loss import and_loss
 
     env = dist.init("cpu")
     torch.set_num_threads(1)
@@ -180,6 +187,110 @@ def parent(args) -> None:
         print("note: /proc/self/clear_refs unavailable, so peak RSS includes bank initialisation.")
 
 
+# ------------------------------------------------------------- one device: fast vs exact vs released
+
+def single(args) -> None:
+    """One process on --device: the bank step with the attention fast path, with the exact path
+    and with the released code's replicated softmax (full logits + autograd), on one structured
+    bank; time per step, peak memory beyond the bank, and agreement with the exact path."""
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+
+    from and_dist.method.attention import shard_terms_attention
+    from and_dist.method.bank import ShardedBank
+    from and_dist.method.curriculum import positive_sets
+    from and_dist.method.loss import and_loss, shard_terms
+    from common import cuda_time, device_peak, structured_rows, wall_time
+
+    dev = torch.device(args.device)
+    if dev.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    timer = (lambda f: cuda_time(f, args.steps)) if dev.type == "cuda" else (lambda f: wall_time(f, args.steps))
+    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, batch {args.batch}, "
+          f"dim {args.dim}, structured bank, {args.steps} timed steps", flush=True)
+    head = (f"{'N':>8} {'method':<10} {'ms/step':>8} {'x exact':>8} {'GPU ms':>8} {'x exact':>8} "
+            f"{'peak MiB':>9} {'|dloss|':>8} {'|dgrad|':>8}")
+
+    def gpu_ms(fn, steps=5):
+        """Device time per step: the sum of the kernels' own times (what the step costs once
+        the model's kernels keep the GPU busy and the host runs ahead)."""
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn()
+            torch.cuda.synchronize()
+        total = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                    for e in prof.key_averages())
+        return total / steps / 1e3
+    print(head + "\n" + "-" * len(head))
+    for n in args.sizes:
+        g = torch.Generator(device=dev).manual_seed(1)
+        anchor = torch.rand(n, generator=g, device=dev) < 0.25
+        neighbours = torch.randint(0, n, (n, 1), generator=g, device=dev)
+        idx = torch.randperm(n, generator=g, device=dev)[: args.batch]
+        feats0 = F.normalize(torch.randn(args.batch, args.dim, generator=g, device=dev), dim=1)
+        bank = ShardedBank(n, args.dim, device=dev)
+        start = structured_rows(n, args.dim, device=dev)
+        positives = positive_sets(idx, anchor, neighbours)
+
+        def ours(fn):
+            def step():
+                feats = feats0.clone().requires_grad_()
+                objective, losses, all_feats = and_loss(feats, positives, bank, [args.batch], fn)
+                objective.backward()
+                bank.update(idx, all_feats)
+                return losses, feats.grad
+            return step
+
+        def released():
+            feats = feats0.clone().requires_grad_()
+            logp = (feats @ bank.rows.T / bank.temperature).log_softmax(1)
+            pos = logp.gather(1, positives.clamp(min=0)).masked_fill(positives < 0, float("-inf"))
+            losses = -pos.logsumexp(1)
+            losses.mean().backward()
+            with torch.no_grad():
+                mixed = bank.momentum * bank.rows[idx] + (1 - bank.momentum) * feats.detach()
+                bank.rows[idx] = F.normalize(mixed, dim=1)
+            return losses.detach(), feats.grad
+
+        methods = {"attention": ours(shard_terms_attention), "exact": ours(shard_terms), "released": released}
+        if dev.type == "cuda":
+            methods["attn-sdpa"] = ours(functools.partial(shard_terms_attention, impl="sdpa"))
+        if n > args.released_max:
+            methods.pop("released")
+        results = {}
+        for name, fn in methods.items():
+            bank.rows.copy_(start)
+            (losses, grad), peak = device_peak(dev, fn)          # first step: agreement and memory
+            bank.rows.copy_(start)
+            ms = timer(fn) * 1e3
+            results[name] = (ms, gpu_ms(fn) if dev.type == "cuda" else float("nan"), peak,
+                             losses.double(), grad.double())
+        if args.profile and dev.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+            bank.rows.copy_(start)
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    methods["attention"]()
+                for _ in range(5):
+                    methods["exact"]()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        ex = results["exact"]
+        for name, (ms, gms, peak, losses, grad) in results.items():
+            print(f"{n:>8} {name:<10} {ms:>8.3f} {ex[0] / ms:>8.2f} {gms:>8.3f} {ex[1] / gms:>8.2f} "
+                  f"{peak / MiB:>9.1f} {(losses - ex[3]).abs().max().item():>8.1e} "
+                  f"{(grad - ex[4]).abs().max().item():>8.1e}", flush=True)
+    print("ms/step: positives + AND loss + backward + bank update (no CNN), wall time of steps run back to back "
+          "(host-bound when small); GPU ms: kernel time per step (profiler); x exact = exact / this; "
+          "peak = device memory beyond the bank during one step; |dloss|, |dgrad| = max difference from "
+          "the exact path on the same first step (released: the plain replicated softmax, mean loss).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 500_000, 1_281_167])
@@ -189,11 +300,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--results", default=None, help="JSON-lines file (default: a temp file)")
+    ap.add_argument("--device", default=None, help="cpu or cuda: one process on that device, comparing "
+                    "the attention fast path, the exact path and the released algorithm")
+    ap.add_argument("--released-max", type=int, default=2_000_000, help="largest N to run the released code at")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for --device cpu")
+    ap.add_argument("--profile", action="store_true", help="CUDA: print the attention step's top kernels")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=("sharded", "replicated"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    worker(args) if args.worker else parent(args)
+    if args.device:
+        single(args)
+    else:
+        worker(args) if args.worker else parent(args)
 
 
 if __name__ == "__main__":

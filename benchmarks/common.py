@@ -39,3 +39,67 @@ def torchrun(script: str, world: int, worker_args: list[str], threads: int, labe
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         sys.exit(f"worker failed ({label}):\n{proc.stdout}")
+
+
+# ----------------------------------------------------------------------------- single-device runs
+
+def structured_rows(n: int, dim: int, clusters: int = 1000, seed: int = 0, device="cpu"):
+    """A bank shaped like trained features: unit rows around `clusters` centres whose spread varies
+    from tight to loose (per-dimension noise 0.01..0.2), so entropies spread from near 0 to near
+    log N and anchors, neighbours and the cut-off are like a real round's, unlike random rows."""
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator(device=device).manual_seed(seed)
+    centres = F.normalize(torch.randn(clusters, dim, generator=g, device=device), dim=1)
+    order = torch.randperm(clusters, generator=g, device=device)
+    spread = 0.01 * torch.logspace(0, 1.3, clusters, device=device)[order]
+    rows = torch.empty(n, dim, device=device)
+    for a in range(0, n, 1 << 18):
+        b = min(n, a + (1 << 18))
+        c = torch.randint(0, clusters, (b - a,), generator=g, device=device)
+        noise = torch.randn(b - a, dim, generator=g, device=device) * spread[c, None]
+        rows[a:b] = F.normalize(centres[c] + noise, dim=1)
+    return rows
+
+
+def cuda_time(fn, repeat: int, warmup: int = 2) -> float:
+    """Mean seconds per call of `fn` on the current CUDA stream (events, after warm-up)."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeat
+
+
+def wall_time(fn, repeat: int, warmup: int = 1) -> float:
+    """Mean seconds per call, for CPU runs (or CUDA runs that synchronise themselves)."""
+    import time
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def device_peak(device, fn):
+    """(result, peak bytes allocated during fn beyond what was allocated before); CUDA only, else
+    the peak-RSS growth."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated(device) - before
+    reset_peak_rss()
+    before = peak_rss()
+    out = fn()
+    return out, max(0, peak_rss() - before)

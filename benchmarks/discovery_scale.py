@@ -21,7 +21,13 @@ second bank slice a rank holds during the ring pass, N/W x dim x 4 bytes). Use -
 for complete runs. The similarity block is chunk x N/W; at N = 1.28M lower --chunk (e.g. 256)
 or it needs tens of GB per rank.
 
-Run:  .venv/bin/python benchmarks/discovery_scale.py --sizes 100000 --worlds 1 2      # minutes
+One device (--device cuda or cpu): every discovery kernel (fused bf16x3 / bf16 on CUDA, attention,
+exact) and the released algorithm on a structured bank (clustered rows of varying spread) and a
+random one: seconds, peak memory beyond the bank, agreement with the exact path.
+
+Run:  .venv/bin/python benchmarks/discovery_scale.py --device cuda --sizes 100000 1281167
+      .venv/bin/python benchmarks/discovery_scale.py --device cpu --sizes 20000 --threads 2
+      .venv/bin/python benchmarks/discovery_scale.py --sizes 100000 --worlds 1 2      # minutes
       .venv/bin/python benchmarks/discovery_scale.py --sizes 20000 --worlds 1 2 --max-rows 2048  # quick
       full (hours on 2 cores): .venv/bin/python benchmarks/discovery_scale.py \\
           --sizes 100000 500000 1281167 --worlds 1 2 --max-rows 0 --chunk 256
@@ -55,8 +61,8 @@ def worker(args) -> None:
     import torch
 
     from and_dist import dist
-    from and_dist.bank import ShardedBank
-    from and_dist.discovery import discover
+    from and_dist.method.bank import ShardedBank
+    from and_dist.method.discovery import discover
 
     env = dist.init("cpu")
     torch.set_num_threads(args.threads)
@@ -148,6 +154,99 @@ def parent(args) -> None:
         print("note: /proc/self/clear_refs unavailable, so peak RSS includes bank initialisation.")
 
 
+# ------------------------------------------------------------- one device: kernels vs exact vs released
+
+def released(rows, k: int, count: int, T: float, loop_sample: int):
+    """The released AND code's discovery on one device: softmax entropy in chunks of 100 rows,
+    the lowest-entropy anchors, their neighbours in chunks of 100, then the per-sample position
+    loop (timed on `loop_sample` samples and scaled to N). Returns (entropy, neighbours of the
+    anchors, anchor mask, seconds)."""
+    import torch
+    n = len(rows)
+    t0 = time.perf_counter()
+    entropy = torch.empty(n, device=rows.device)
+    for a in range(0, n, 100):
+        logp = (rows[a:a + 100] @ rows.T / T).log_softmax(1)
+        entropy[a:a + 100] = -(logp.exp() * logp).sum(1)
+    anchors = entropy.topk(count, largest=False).indices
+    neighbours = torch.empty(count, k, dtype=torch.long, device=rows.device)
+    for a in range(0, count, 100):
+        idx = anchors[a:a + 100]
+        sims = rows[idx] @ rows.T
+        sims.scatter_(1, idx[:, None], -1.0)
+        neighbours[a:a + 100] = sims.topk(k, dim=1).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=rows.device)
+    mask[anchors] = True
+    t1 = time.perf_counter()
+    m = min(loop_sample, n)
+    for i in range(m):                                           # the per-sample position loop
+        (anchors == i).nonzero()
+    loop = (time.perf_counter() - t1) * n / m
+    return entropy.double().cpu(), anchors.cpu(), neighbours.cpu(), mask.cpu(), t1 - t0 + loop
+
+
+def single(args) -> None:
+    """One process on --device: each discovery kernel against the exact path and the released
+    algorithm, on a structured bank (and a random one): seconds, peak memory beyond the bank and
+    agreement with the exact path (anchors at rate x round, neighbours, entropy)."""
+    import torch
+
+    from and_dist.method.bank import ShardedBank
+    from and_dist.method.curriculum import anchor_count, select_anchors
+    from and_dist.method.discovery import discover, fused_available
+    from common import device_peak, structured_rows
+
+    dev = torch.device(args.device)
+    if dev.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [("exact", "fp32"), ("attention", "fp32")]
+    if fused_available(dev):
+        methods = [("fused", "bf16x3"), ("fused", "bf16"), *methods]
+    methods = [m for m in methods if f"{m[0]}/{m[1]}" not in args.skip]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    print(f"device {name}, dim {args.dim}, T 0.1, k 1, anchors {args.rate:g} x round 1, chunk {args.chunk}",
+          flush=True)
+    warm = ShardedBank(3000, args.dim, seed=1, device=dev)
+    for kernel, precision in methods:                                    # compile / warm up, untimed
+        discover(warm, 1, "auto", kernel=kernel, precision=precision)
+    head = (f"{'N':>8} {'bank':<10} {'method':<16} {'seconds':>8} {'x exact':>8} {'peak MiB':>9} "
+            f"{'anchors=':>9} {'nbrs=':>8} {'anc nbrs=':>9} {'max |dH|':>9}")
+    print(head + "\n" + "-" * len(head), flush=True)
+    for n in args.sizes:
+        for kind in args.banks:
+            bank = ShardedBank(n, args.dim, temperature=0.1, device=dev)
+            if kind == "structured":
+                bank.rows.copy_(structured_rows(n, args.dim, device=dev))
+            count = anchor_count(1, n, args.rate)
+            runs = {}
+            for kernel, precision in methods:
+                t0 = time.perf_counter()
+                nb, peak = device_peak(dev, lambda: discover(bank, 1, args.chunk, kernel=kernel, precision=precision))
+                runs[f"{kernel}/{precision}"] = (time.perf_counter() - t0, peak, nb.entropy, nb.neighbours,
+                                                 select_anchors(nb.entropy, count))
+            if n <= args.released_max:
+                t0 = time.perf_counter()
+                (h, anchors, nbrs, mask, secs), peak = device_peak(
+                    dev, lambda: released(bank.rows, 1, count, 0.1, args.loop_sample))
+                full = torch.full((n, 1), -1, dtype=torch.long)
+                full[anchors] = nbrs
+                runs["released"] = (secs, peak, h, full, mask)
+            ex = runs["exact/fp32"]
+            for method, (secs, peak, h, nbrs, mask) in runs.items():
+                both = mask & ex[4]
+                same_nbr = (nbrs == ex[3]).all(1)
+                print(f"{n:>8} {kind:<10} {method:<16} {secs:>8.2f} {ex[0] / secs:>8.2f} {peak / MiB:>9.1f} "
+                      f"{both.sum().item() / max(count, 1):>9.5f} "
+                      f"{same_nbr.double().mean().item() if method != 'released' else float('nan'):>8.5f} "
+                      f"{same_nbr[both].double().mean().item():>9.5f} {(h - ex[2]).abs().max().item():>9.1e}",
+                      flush=True)
+            del bank
+    print("anchors= share of the exact path's anchors also chosen; nbrs= rows whose neighbour equals the "
+          "exact path's; anc nbrs= the same over shared anchors (the only neighbours AND uses); "
+          "max |dH| = largest entropy difference from the exact path. released: position loop timed on "
+          "--loop-sample samples and scaled to N. peak = device memory beyond the bank (CPU: peak RSS growth).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
@@ -158,12 +257,22 @@ def main() -> None:
                     help="rows per rank to time before extrapolating; 0 = full discovery")
     ap.add_argument("--threads", type=int, default=0, help="threads per rank (default cores // W)")
     ap.add_argument("--results", default=None, help="JSON-lines file (default: a temp file)")
+    ap.add_argument("--device", default=None, help="cpu or cuda: one process, every kernel vs exact vs released")
+    ap.add_argument("--banks", nargs="+", default=["structured", "random"], choices=("structured", "random"))
+    ap.add_argument("--rate", type=float, default=0.25)
+    ap.add_argument("--released-max", type=int, default=2_000_000)
+    ap.add_argument("--loop-sample", type=int, default=2000)
+    ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out, e.g. attention/fp32")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--backend", choices=("torch", "faiss"), help=argparse.SUPPRESS)
     ap.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    worker(args) if args.worker else parent(args)
+    if args.device:
+        args.chunk = "auto" if args.chunk == 2048 and "--chunk" not in sys.argv else args.chunk
+        single(args)
+    else:
+        worker(args) if args.worker else parent(args)
 
 
 if __name__ == "__main__":

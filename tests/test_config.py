@@ -271,4 +271,4 @@ def test_config_or_exit_in_process(capsys):
 
 def test_large_images_are_refused_by_the_in_memory_loader():
     with pytest.raises(ConfigError, match="DALI"):
-        load_config("imagenet_alexnet", ["data.source=demo"])
+        load_config("imagenet_alexnet", ["data.source=demo", "data.loader=cached"])

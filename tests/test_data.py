@@ -262,3 +262,15 @@ def test_jitter_changes_colours_within_range(batch):
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     raw = jit * std + mean
     assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5
+
+
+def test_masked_colour_jitter_equals_the_indexed_one():
+    """The GPU path (every op on the whole batch, selected by mask) gives the CPU path's images."""
+    from and_dist.data.augment import jitter_indexed, jitter_masked
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(16, 3, 8, 8, generator=g)
+    factors = torch.empty(16, 4).uniform_(0.6, 1.4, generator=g)
+    factors[:, 3] = torch.empty(16).uniform_(-0.4, 0.4, generator=g)
+    order = torch.rand(16, 4, generator=g).argsort(1)
+    f = factors.view(16, 4, 1, 1, 1)
+    assert torch.allclose(jitter_masked(x.clone(), f, order), jitter_indexed(x.clone(), f, order), atol=1e-6)

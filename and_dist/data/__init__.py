@@ -70,22 +70,58 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
     return sets
 
 
-def build_data(cfg, env, cache_dir: str, log, progress: bool) -> TrainData:
-    """The data interface for `cfg`; rank 0 decodes and fills the cache first, the others read it."""
-    from .. import dist
+def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = True) -> TrainData:
+    """The streaming data interface (data.loader dali or torch) over an ImageFolder tree: the
+    checked file lists of train and test (index.py, cached), decoded per step."""
     d = cfg.data
+    if d.source != "imagefolder":
+        raise UserError(f"data.loader={d.loader} streams an ImageFolder tree (data.source=imagefolder); "
+                        f"data.source={d.source} is read into memory: use data.loader=cached")
+    if d.loader == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"data.loader=dali needs NVIDIA DALI (pip install nvidia-dali-cuda120): {e}") from None
+        from .dali import DaliData as Loader
+    else:
+        from .pil_stream import TorchData as Loader
+    from .index import load_index
+    classes = class_folders(os.path.join(d.root, "train"))
+    train, test = (load_index(d.root, split, classes, cache_dir, d.workers, log, progress)
+                   for split in ("train", test_split(d.root)))
+    for split, index in (("train", train), ("test", test)):
+        if len(index) == 0:
+            raise UserError(f"data.root '{d.root}': every {split} image is unreadable "
+                            f"({len(index.skipped)} skipped, e.g. {index.skipped[0][0]}: {index.skipped[0][1]})")
+    return Loader(train, test, cfg, env)
+
+
+def _main_first(env, load):
+    """`load(is_main)` on rank 0 first (it fills the caches), then on the others (they read them);
+    a UserError on rank 0 stops every rank with its message instead of leaving them waiting."""
+    from .. import dist
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = load(True)
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return result if env.is_main else load(False)
+
+
+def build_data(cfg, env, cache_dir: str, log, progress: bool) -> TrainData:
+    """The data interface for `cfg`: in-memory sets (data.loader=cached) or a streaming loader."""
+    quiet = lambda *_: None  # noqa: E731 - the other ranks repeat rank 0's work silently
+    d = cfg.data
+    if d.loader != "cached":
+        return _main_first(env, lambda main: load_streamed(cfg, env, cache_dir, log if main else quiet,
+                                                           progress and main))
     kwargs = dict(source=d.source, root=d.root, image_size=d.image_size, cache_dir=cache_dir,
                   download=d.download, workers=d.workers, demo_train=d.demo_train,
                   demo_test=d.demo_test, demo_seed=d.demo_seed)
-    sets, error = None, None
-    if env.is_main:
-        try:
-            sets = load_datasets(**kwargs, log=log, progress=progress)
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)     # the other ranks stop too, instead of waiting
-    if error:
-        raise UserError(error)
-    if not env.is_main:
-        sets = load_datasets(**kwargs, log=lambda *_: None, progress=False)
+    sets = _main_first(env, lambda main: load_datasets(**kwargs, log=log if main else quiet,
+                                                       progress=progress and main))
     return CachedData(*sets, cfg, env)

@@ -10,6 +10,7 @@ on the number of ranks.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,10 +29,22 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU without a host sync (pinned staging, non-blocking copy); as is elsewhere."""
+    if device.type != "cuda" or t.is_cuda:
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation constants, copied to a device once (not at every batch)."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (mean, std))
+
+
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    m, s = _stats(tuple(mean), tuple(std), x.device)
+    return (x - m.to(x.dtype)) / s.to(x.dtype)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +68,7 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Batched HSV -> RGB, using the closed form c_n = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6."""
     h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5, 0, -2, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)   # 5, 3, 1; made on the device
     k = torch.remainder(n + 6.0 * h, 6.0)
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
@@ -80,6 +93,29 @@ def _hue(x, f):
 
 
 _COLOUR_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def jitter_indexed(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Colour ops in each sample's own order, applied to the samples that take an op at a step
+    (CPU: the least work; the index sets are computed on the CPU)."""
+    for step in range(4):
+        for op in range(4):
+            idx = (order[:, step] == op).nonzero()[:, 0]
+            if len(idx):
+                x[idx] = _COLOUR_OPS[op](x[idx], factors[idx, op])
+    return x
+
+
+def jitter_masked(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The same, every op on the whole batch and selected by mask: more arithmetic but no
+    data-dependent shapes, so the GPU never waits on the host."""
+    order = to_device(order, x.device).view(len(x), 4, 1, 1, 1)
+    for step in range(4):
+        out = x
+        for op in range(4):
+            out = torch.where(order[:, step] == op, _COLOUR_OPS[op](x, factors[:, op]), out)
+        x = out
+    return x
 
 
 class TrainAugment:
@@ -145,19 +181,15 @@ class TrainAugment:
         ty = (2 * p["top"] + p["h"]) / height - 1
         zero = torch.zeros_like(sx)
         theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
-        grid = F.affine_grid(theta.float().to(dev), [b, 3, self.size, self.size], align_corners=False)
+        grid = F.affine_grid(to_device(theta.float(), dev), [b, 3, self.size, self.size], align_corners=False)
         x = F.grid_sample(_to_float(images), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
         if self.jitter > 0:
-            factors = p["factors"].float().to(dev).view(b, 4, 1, 1, 1)
-            for step in range(4):                  # apply op order[:, step] to each sample
-                for op in range(4):
-                    idx = (p["order"][:, step] == op).nonzero()[:, 0]     # on the CPU: no device sync
-                    if len(idx):
-                        idx = idx.to(dev)
-                        x[idx] = _COLOUR_OPS[op](x[idx], factors[idx, op])
+            factors = to_device(p["factors"].float(), dev).view(b, 4, 1, 1, 1)
+            jitter = jitter_masked if dev.type == "cuda" else jitter_indexed
+            x = jitter(x, factors, p["order"])
         if p["gray"].any():
-            x = torch.where(p["gray"].to(dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
+            x = torch.where(to_device(p["gray"], dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
         return _normalize(x, self.mean, self.std)
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import files
-from .augment import TestTransform, TrainAugment, resize_center_crop
+from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
 from .base import Batch, SplitInfo
 from .folder import list_split
 from .sampler import augment_generator, global_batches, rank_slice
@@ -122,6 +122,10 @@ class CachedData:
     def __init__(self, train: ImageSet, test: ImageSet, cfg, env, eval_batch: int = 512):
         d, t = cfg.data, cfg.train
         self.images, self.test_images = train.images, test.images
+        if env.device.type == "cuda":  # on the device when it fits: a step then never waits on the host
+            from ..memory import free_bytes
+            if train.images.nbytes + test.images.nbytes < 0.25 * free_bytes(env.device):
+                self.images, self.test_images = train.images.to(env.device), test.images.to(env.device)
         self.train, self.test = train.info(), test.info()
         self.env, self.batch_size, self.seed, self.eval_batch = env, t.batch_size, t.seed, eval_batch
         mean, std = channel_stats(train.images)
@@ -141,9 +145,9 @@ class CachedData:
             idx = order[step]
             offset, sizes = rank_slice(len(idx), env.world, env.rank)
             mine = idx[offset: offset + sizes[env.rank]]
-            x = self.augment(self.images[mine].to(env.device, non_blocking=True),
+            x = self.augment(self.images[to_device(mine, self.images.device)].to(env.device, non_blocking=True),
                              augment_generator(self.seed, round_, epoch, step), offset=offset, total=len(idx))
-            yield Batch(x, idx.to(env.device), sizes, self.train.labels[mine])
+            yield Batch(x, to_device(idx, env.device), sizes, self.train.labels[mine])
 
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         images = self.images if split == "train" else self.test_images
@@ -151,4 +155,4 @@ class CachedData:
             yield self.test_transform(images[a: min(a + self.eval_batch, hi)].to(self.env.device))
 
     def pictures(self, index: torch.Tensor) -> torch.Tensor:
-        return self.images[index]
+        return self.images[index.to(self.images.device)].cpu()

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import dist
+from .. import dist, memory
 
 
 @torch.no_grad()
 def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats: torch.Tensor,
                  train_labels: torch.Tensor, num_classes: int, k: int = 200, sigma: float = 0.1,
-                 chunk: int = 1024, progress=None) -> tuple[float, float]:
+                 chunk: int | str = "auto", progress=None) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) of similarity-weighted kNN voting.
 
     queries/query_labels: every query, the same on all ranks. train_feats/train_labels: this
@@ -21,6 +21,10 @@ def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats:
     """
     _, world = dist.rank_world()
     k_local = min(k, len(train_feats))
+    chunk = memory.resolve_chunk(chunk, 2 * len(train_feats) * train_feats.element_size(), 0,
+                                 train_feats.device, len(queries), what="kNN chunk")
+    if world > 1:  # every rank must run the same chunks: each chunk is a collective
+        chunk = int(-dist.all_reduce(torch.tensor([-chunk], device=train_feats.device), "max").item())
     correct1 = correct5 = 0
     for a in range(0, len(queries), chunk):
         q = queries[a: a + chunk].to(train_feats)

@@ -50,9 +50,12 @@ class ShardedBank:
         `idx`/`feats` are the whole global batch: updates are routed by index, so it does not
         matter which rank computed which sample.
         """
-        mine = self.owned(idx)
-        rows = idx[mine] - self.lo
-        mixed = self.momentum * self.rows[rows] + (1 - self.momentum) * feats[mine].to(self.rows)
+        if dist.active():
+            mine = self.owned(idx)
+            rows, feats = idx[mine] - self.lo, feats[mine]
+        else:  # one process owns every row: no boolean mask, so no host sync in the step
+            rows = idx
+        mixed = self.momentum * self.rows[rows] + (1 - self.momentum) * feats.to(self.rows)
         self.rows[rows] = F.normalize(mixed, dim=1)
 
     # Checkpoint owner, sharded: each rank saves its slice with its global range; loading takes

@@ -1,6 +1,14 @@
 """Neighbourhood discovery: each sample's softmax entropy over the whole bank and its k nearest
 neighbours (itself excluded), from one pass over blocks of bank similarities.
 
+Three kernels compute the same statistics (`kernel`):
+  exact      (chunk x slice) similarity blocks with torch matmul: the reference, any device.
+  attention  entropy as attention (H = LSE - q.O/T, attention.py) plus a separate kNN search
+             (faiss, or chunked matmul + top-k); with faiss no similarity block is stored.
+  fused      one Triton kernel on CUDA doing both tile by tile (fused_discovery.py).
+auto = fused on CUDA when Triton is there (attention when backend=faiss), exact otherwise.
+`chunk` = rows per block; `auto` sizes it from the free memory (memory.py).
+
 Sharded: every rank holds one bank slice and computes the statistics of its own rows; the slices
 travel round a ring so each rank sees every slice once, holding at most two slices and one
 (chunk x slice) block of similarities. Entropy is accumulated with a fixed shift in
@@ -13,8 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from .. import dist
+from .. import dist, memory
+from ..errors import UserError
+from .attention import attention_entropy
 from .bank import ShardedBank
+
+KERNELS = ("auto", "exact", "attention", "fused")
+PRECISIONS = ("auto", "fp32", "bf16x3", "bf16")
 
 
 @dataclass
@@ -56,6 +69,11 @@ class _Stats:
         v, i = v.gather(1, by_index), i.gather(1, by_index)
         best = torch.sort(v, dim=1, descending=True, stable=True).indices[:, : self.top_v.shape[1]]
         self.top_v[r], self.top_i[r] = v.gather(1, best), i.gather(1, best)
+
+    def add_sums(self, r: slice, s: torch.Tensor, t: torch.Tensor) -> None:
+        """Fold in a block's sums computed elsewhere (attention or the fused kernel), float64."""
+        self.s[r] += s
+        self.t[r] += t
 
     def entropy(self) -> torch.Tensor:
         """H = logsumexp(l) - sum_j p_j l_j."""
@@ -120,47 +138,151 @@ def _ring_slices(bank: ShardedBank):
         current, owner = nxt, nxt_owner
 
 
+def fused_available(device) -> bool:
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        from . import fused_discovery  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def choose(kernel: str, precision: str, backend: str, device) -> tuple[str, str]:
+    """Resolve `auto` and reject combinations no kernel implements (one line each)."""
+    if kernel == "auto":
+        kernel = "attention" if backend == "faiss" else ("fused" if fused_available(device) else "exact")
+    if kernel == "fused" and not fused_available(device):
+        raise UserError("discovery.kernel=fused needs a CUDA device and Triton; use discovery.kernel=auto")
+    if kernel == "fused" and backend == "faiss":
+        raise UserError("discovery.kernel=fused finds neighbours itself; use backend=torch, "
+                        "or kernel=attention with faiss")
+    if precision == "auto":
+        precision = "bf16x3" if kernel == "fused" else "fp32"
+    if precision == "bf16x3" and kernel != "fused":
+        raise UserError(f"discovery.precision=bf16x3 is the fused kernel's; kernel {kernel} takes fp32 or bf16")
+    return kernel, precision
+
+
+def _chunk(chunk, kernel: str, precision: str, backend: str, bank: ShardedBank) -> int:
+    """Rows per block: the (chunk x slice) blocks a kernel allocates, against the free memory left
+    once the ring's second slice (and any converted copies) are counted."""
+    width, n_own = max(bank.sizes), len(bank.rows)
+    slice_bytes = width * bank.dim * bank.rows.element_size()
+    fixed = slice_bytes * (2 if dist.active() else 1)
+    if kernel == "fused":
+        per_row = 64
+        if chunk in (None, 0, "auto"):
+            sms = torch.cuda.get_device_properties(bank.device).multi_processor_count
+            chunk = 8 * sms * 128
+    elif kernel == "attention":
+        tasks = torch.cuda.get_device_properties(bank.device).multi_processor_count * 4 \
+            if bank.device.type == "cuda" else torch.get_num_threads()
+        per_row = 2 * tasks * bank.dim * 4                        # the key blocks' outputs
+        if backend != "faiss":                                    # + the kNN similarity block
+            per_row += width * (4 if precision == "fp32" else 6)
+    else:
+        per_row = width * (8 if precision == "fp32" else 14)  # block + scratch (+ bf16 and float copies)
+    return memory.resolve_chunk(chunk, per_row, fixed, bank.device, n_own, what="discovery.chunk")
+
+
 @torch.no_grad()
-def discover(bank: ShardedBank, k: int = 1, chunk: int = 2048, backend: str = "torch",
-             precision: str = "fp32", progress=None) -> Neighbourhood:
+def discover(bank: ShardedBank, k: int = 1, chunk: int | str = "auto", backend: str = "torch",
+             precision: str = "auto", progress=None, kernel: str = "auto") -> Neighbourhood:
     """Entropy and k nearest neighbours of every bank row; the result is replicated on all ranks.
 
     progress: optional callable(n_done) advanced once per finished row chunk (rank 0 shows a bar).
     """
+    kernel, precision = choose(kernel, precision, backend, bank.device)
+    chunk = _chunk(chunk, kernel, precision, backend, bank)
     own = bank.rows
     n_own = len(own)
-    T = bank.temperature
-    stats = _Stats(n_own, k, T, own.device)
-    mm_dtype = torch.bfloat16 if precision == "bf16" else own.dtype
-    rows_of = torch.arange(n_own, device=own.device)
+    stats = _Stats(n_own, k, bank.temperature, own.device)
+    step = {"exact": _exact_slice, "attention": _attention_slice, "fused": _fused_slice}[kernel]
+    own_ops = None
+    if kernel == "fused":
+        from .fused_discovery import split_rows
+        own_ops = split_rows(own, precision)
     for s_lo, srows in _ring_slices(bank):
-        srows_mm = srows.to(mm_dtype)
-        width = min(chunk, n_own)
-        sims_buf = torch.empty(width, len(srows), dtype=mm_dtype, device=own.device)
-        logit_buf = sims_buf if mm_dtype == own.dtype else torch.empty(width, len(srows), device=own.device)
-        scratch = torch.empty_like(logit_buf)
-        search = _FaissSlice(srows, s_lo) if backend == "faiss" else None
-        for a in range(0, n_own, chunk):
-            r = slice(a, min(a + chunk, n_own))
-            c = r.stop - r.start
-            q = own[r]
-            sims = torch.matmul(q.to(mm_dtype), srows_mm.T, out=sims_buf[:c])   # (c, n_slice)
-            if search is not None:
-                v, i = search.candidates(q, k, bank.lo + a)
-            else:
-                # Exclude each row's own column from its neighbours (not from its entropy).
-                self_col = bank.lo + rows_of[r] - s_lo
-                inside = ((self_col >= 0) & (self_col < len(srows))).nonzero()[:, 0]
-                self_sims = sims[inside, self_col[inside]].clone()
-                sims[inside, self_col[inside]] = float("-inf")
-                v, i = _block_candidates(sims, q, srows, k, precision)
-                sims[inside, self_col[inside]] = self_sims
-                i = i + s_lo
-            stats.add_candidates(r, v.float(), i)
-            logits = logit_buf[:c].copy_(sims) if logit_buf is not sims_buf else sims
-            stats.add_logits(r, logits.mul_(1.0 / T), scratch[:c])
-            if progress is not None:
-                progress(c)
+        step(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, own_ops)
     entropy = dist.all_gather_rows(stats.entropy(), bank.sizes)
     neighbours = dist.all_gather_rows(stats.top_i, bank.sizes)
     return Neighbourhood(entropy.cpu(), neighbours.cpu())
+
+
+def _exact_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, _):
+    """The reference: one (chunk x slice) block of similarities per row chunk, reused."""
+    own, n_own, T = bank.rows, len(bank.rows), bank.temperature
+    mm_dtype = torch.bfloat16 if precision == "bf16" else own.dtype
+    rows_of = torch.arange(n_own, device=own.device)
+    srows_mm = srows.to(mm_dtype)
+    width = min(chunk, n_own)
+    sims_buf = torch.empty(width, len(srows), dtype=mm_dtype, device=own.device)
+    logit_buf = sims_buf if mm_dtype == own.dtype else torch.empty(width, len(srows), device=own.device)
+    scratch = torch.empty_like(logit_buf)
+    search = _FaissSlice(srows, s_lo) if backend == "faiss" else None
+    for a in range(0, n_own, chunk):
+        r = slice(a, min(a + chunk, n_own))
+        c = r.stop - r.start
+        q = own[r]
+        sims = torch.matmul(q.to(mm_dtype), srows_mm.T, out=sims_buf[:c])   # (c, n_slice)
+        if search is not None:
+            v, i = search.candidates(q, k, bank.lo + a)
+        else:
+            v, i = _torch_candidates(sims, q, srows, k, precision, bank.lo + rows_of[r] - s_lo)
+            i = i + s_lo
+        stats.add_candidates(r, v.float(), i)
+        logits = logit_buf[:c].copy_(sims) if logit_buf is not sims_buf else sims
+        stats.add_logits(r, logits.mul_(1.0 / T), scratch[:c])
+        if progress is not None:
+            progress(c)
+
+
+def _torch_candidates(sims, q, srows, k, precision, self_col):
+    """Top-k columns of a similarity block with each row's own column excluded (restored after)."""
+    inside = ((self_col >= 0) & (self_col < len(srows))).nonzero()[:, 0]
+    self_sims = sims[inside, self_col[inside]].clone()
+    sims[inside, self_col[inside]] = float("-inf")
+    v, i = _block_candidates(sims, q, srows, k, precision)
+    sims[inside, self_col[inside]] = self_sims
+    return v, i
+
+
+def _attention_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, _):
+    """Entropy sums from a fused attention kernel (float32), neighbours from faiss or from a
+    (chunk x slice) similarity block in `precision`."""
+    own, n_own, T = bank.rows, len(bank.rows), bank.temperature
+    rows_of = torch.arange(n_own, device=own.device)
+    search = _FaissSlice(srows, s_lo) if backend == "faiss" else None
+    mm_dtype = torch.bfloat16 if precision == "bf16" else own.dtype
+    srows_mm = srows.to(mm_dtype)
+    for a in range(0, n_own, chunk):
+        r = slice(a, min(a + chunk, n_own))
+        q = own[r]
+        lse, mean_logit = attention_entropy(q, srows, T)
+        s = torch.exp(lse - stats.shift)
+        stats.add_sums(r, s, s * mean_logit)
+        if search is not None:
+            v, i = search.candidates(q, k, bank.lo + a)
+        else:
+            sims = q.to(mm_dtype) @ srows_mm.T
+            v, i = _torch_candidates(sims, q, srows, k, precision, bank.lo + rows_of[r] - s_lo)
+            i = i + s_lo
+        stats.add_candidates(r, v.float(), i)
+        if progress is not None:
+            progress(r.stop - r.start)
+
+
+def _fused_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, own_ops):
+    """Entropy sums and top-k from the fused Triton kernel, `chunk` rows per launch."""
+    from .fused_discovery import block_stats, split_rows
+    n_own = len(bank.rows)
+    keys = own_ops if s_lo == bank.lo else split_rows(srows, precision)
+    for a in range(0, n_own, chunk):
+        r = slice(a, min(a + chunk, n_own))
+        q = tuple(None if x is None else x[r] for x in own_ops)
+        s, t, v, i = block_stats(q, keys, bank.temperature, k, bank.lo + a - s_lo, s_lo, precision)
+        stats.add_sums(r, s, t)
+        stats.add_candidates(r, v, i)
+        if progress is not None:
+            progress(r.stop - r.start)

@@ -41,7 +41,7 @@ def positive_logits(logits_or_queries: torch.Tensor, rows: torch.Tensor, lo: int
         pos = logits_or_queries.gather(1, cols)
     else:
         pos = torch.einsum("bd,bkd->bk", logits_or_queries, rows[cols]).div_(temperature)
-    return torch.where(mine, pos, torch.tensor(float("-inf"), device=pos.device, dtype=pos.dtype)), cols, mine
+    return pos.masked_fill(~mine, float("-inf")), cols, mine   # no host->device scalar copy (a sync)
 
 
 def positive_terms(pos: torch.Tensor, cols: torch.Tensor, mine: torch.Tensor, rows: torch.Tensor):

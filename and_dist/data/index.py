@@ -1,0 +1,140 @@
+"""The checked file list of one ImageFolder split, built once and cached, for the streaming loaders.
+
+Why: a streamed sample i must be the same file at every start (it is bank row i), ImageNet's
+1.28M files take minutes to list and check, and a decoder must never meet an unreadable file
+mid-epoch. So every file is opened once (in parallel, PIL at reduced JPEG scale, which still
+reads every byte), the unreadable ones are left out with their reason, and the result (relative
+names, labels, image sizes, formats) is cached under a key that notices a changed tree cheaply:
+the root, and the mtimes of the split folder and of each class folder (adding, removing or
+renaming a file changes its folder's mtime; rewriting a file in place does not).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .. import files
+from .base import SplitInfo
+from .folder import list_split
+
+VERSION = 1  # bump when the cached fields change
+
+
+@dataclass
+class FileIndex:
+    """Sample i of a split: file `path(i)`, class `labels[i]`, `sizes[i]` = (height, width) as stored
+    (EXIF orientation is ignored, by PIL and DALI alike), `formats[format_id[i]]` as PIL names it."""
+    split_dir: str
+    names: list[str]                    # paths relative to split_dir, sorted classes then names
+    labels: np.ndarray                  # int64 (N,)
+    sizes: np.ndarray                   # int64 (N, 2)
+    format_id: np.ndarray               # uint8 (N,)
+    formats: list[str]
+    classes: list[str]
+    skipped: list[tuple[str, str]]      # (path, reason) of the files left out
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.split_dir, self.names[i])
+
+    def format_of(self, i: int) -> str:
+        return self.formats[self.format_id[i]]
+
+    def info(self) -> SplitInfo:
+        return SplitInfo(torch.from_numpy(self.labels), list(self.classes), list(self.skipped))
+
+
+def tree_key(split_dir: str, classes: list[str]) -> str:
+    """Hash of the root, the class list and the folder mtimes: cheap (one stat per class)."""
+    h = hashlib.sha256(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}".encode())
+    for cls in classes:
+        cdir = os.path.join(split_dir, cls)
+        h.update(f"|{cls}:{os.stat(cdir).st_mtime_ns if os.path.isdir(cdir) else -1}".encode())
+    return h.hexdigest()[:20]
+
+
+def check_image(path: str) -> tuple[int, int, str, str | None]:
+    """(height, width, format, None) if PIL can decode the whole file, else (0, 0, '', reason)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            fmt = img.format or "unknown"
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))   # JPEG: decode at 1/8 scale
+            img.load()                                                      # truncated files fail here
+        if width < 1 or height < 1:
+            raise ValueError("empty image")
+        return height, width, fmt, None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported and left out, never fatal
+        return 0, 0, "", f"{type(e).__name__}: {e}"
+
+
+def _build(root: str, split: str, classes: list[str], workers: int, progress: bool) -> FileIndex:
+    split_dir = os.path.join(root, split)
+    paths, labels = list_split(root, split, classes)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        checks = list(tqdm(pool.map(check_image, paths, chunksize=64), total=len(paths), unit="img",
+                           desc=f"check {split}", leave=False, disable=not progress))
+    keep = [i for i, c in enumerate(checks) if c[3] is None]
+    formats = sorted({checks[i][2] for i in keep})
+    return FileIndex(
+        split_dir=split_dir,
+        names=[os.path.relpath(paths[i], split_dir) for i in keep],
+        labels=np.asarray([labels[i] for i in keep], dtype=np.int64),
+        sizes=np.asarray([checks[i][:2] for i in keep], dtype=np.int64).reshape(-1, 2),
+        format_id=np.asarray([formats.index(checks[i][2]) for i in keep], dtype=np.uint8),
+        formats=formats, classes=list(classes),
+        skipped=[(paths[i], c[3]) for i, c in enumerate(checks) if c[3] is not None])
+
+
+def _save(index: FileIndex, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.torch_save({"version": VERSION, "names": "\n".join(index.names),
+                      "labels": torch.from_numpy(index.labels), "sizes": torch.from_numpy(index.sizes),
+                      "format_id": torch.from_numpy(index.format_id), "formats": index.formats,
+                      "classes": index.classes, "skipped": [list(s) for s in index.skipped]}, path)
+
+
+def _load(path: str, split_dir: str) -> FileIndex:
+    z = torch.load(path, weights_only=True)
+    if z["version"] != VERSION:
+        raise ValueError(f"version {z['version']} != {VERSION}")
+    names = z["names"].split("\n") if z["names"] else []
+    index = FileIndex(split_dir, names, z["labels"].numpy(), z["sizes"].numpy(), z["format_id"].numpy(),
+                      list(z["formats"]), list(z["classes"]), [tuple(s) for s in z["skipped"]])
+    if not (len(names) == len(index.labels) == len(index.sizes) == len(index.format_id)):
+        raise ValueError("fields of different lengths")
+    return index
+
+
+def load_index(root: str, split: str, classes: list[str], cache_dir: str | None, workers: int,
+               log=print, progress: bool = True) -> FileIndex:
+    """The split's checked file list: from the cache when the tree is unchanged, else built (and
+    cached). Each unreadable file is logged once, when the list is built."""
+    split_dir = os.path.join(root, split)
+    cache_path = None
+    if cache_dir:
+        cache_path = os.path.join(cache_dir, f"index-{split}-{tree_key(split_dir, classes)}.pt")
+        if os.path.exists(cache_path):
+            try:
+                index = _load(cache_path, split_dir)
+                if index.classes == list(classes):
+                    return index
+                log(f"file list cache {cache_path} names other classes; listing {split_dir} again")
+            except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
+                log(f"file list cache {cache_path} is unreadable ({type(e).__name__}: {e}); "
+                    f"listing and checking {split_dir} again")
+    index = _build(root, split, classes, workers, progress)
+    for path, reason in index.skipped:
+        log(f"skipping unreadable image {path}: {reason}")
+    if cache_path:
+        _save(index, cache_path)
+    return index

@@ -1,0 +1,78 @@
+"""`data.loader=torch`: a torch DataLoader whose `data.workers` processes decode with PIL.
+
+Why keep it next to DALI: it needs nothing beyond PIL, so it runs wherever DALI does not (and is
+the reference DALI is measured against, benchmarks/input_pipeline.py). Each worker gets
+(path, crop box) keys planned by stream.StreamData and returns size x size uint8 crops; JPEGs are
+decoded at the smallest DCT scale that still leaves the crop at least `size` pixels (PIL's draft),
+which is much faster and changes the pixels only like any antialiased downscale.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .index import FileIndex
+from .stream import Pending, StepPlan, StreamData
+
+
+def load_crop(path: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Pixels (top, left, height, width) of the stored image, resized to size x size, RGB uint8."""
+    top, left, h, w = box
+    with Image.open(path) as img:
+        width, height = img.size
+        img.draft("RGB", (-(-width * size // w), -(-height * size // h)))   # crop stays >= size px
+        sx, sy = img.size[0] / width, img.size[1] / height
+        img = img.convert("RGB")
+        out = img.resize((size, size), Image.BILINEAR,
+                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    return np.array(out, dtype=np.uint8)
+
+
+def load_centre(path: str, resize: int, size: int) -> np.ndarray:
+    """The test transform: shorter side resized to `resize`, centre crop size x size, RGB uint8."""
+    with Image.open(path) as img:
+        width, height = img.size
+        scale = resize / min(width, height)
+        nw, nh = max(resize, round(width * scale)), max(resize, round(height * scale))
+        img.draft("RGB", (nw, nh))
+        img = img.convert("RGB").resize((nw, nh), Image.BILINEAR)
+    top, left = (nh - size + 1) // 2, (nw - size + 1) // 2          # halves round up, as in DALI
+    return np.array(img, dtype=np.uint8)[top:top + size, left:left + size]
+
+
+class _Files(Dataset):
+    """Keys are (path, top, left, height, width) for a training crop, (path,) for evaluation."""
+
+    def __init__(self, size: int, resize: int):
+        self.size, self.resize = size, resize
+
+    def __getitem__(self, key) -> torch.Tensor:
+        path, *box = key
+        x = load_crop(path, box, self.size) if box else load_centre(path, self.resize, self.size)
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+
+class TorchData(StreamData):
+    """Streaming data interface whose decoding runs in DataLoader worker processes."""
+
+    def _loader(self, keys: Iterator[list]) -> DataLoader:
+        return DataLoader(_Files(self.size, self.resize), batch_sampler=keys, num_workers=self.workers,
+                          pin_memory=self.env.device.type == "cuda", prefetch_factor=4 if self.workers else None)
+
+    def _decode_train(self, plans: Iterator[StepPlan]) -> Iterator[tuple[StepPlan, torch.Tensor]]:
+        index, pending = self.index["train"], Pending()
+
+        def keys():          # consumed ahead by the DataLoader, in step order
+            for plan in plans:
+                pending.put(plan)
+                yield [(index.path(i), *box) for i, box in zip(plan.mine.tolist(), plan.boxes.tolist())]
+
+        for images in self._loader(keys()):
+            yield pending.take(), images
+
+    def _decode_eval(self, index: FileIndex, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
+        yield from self._loader([[(index.path(i),) for i in chunk] for chunk in chunks if chunk])

@@ -1,0 +1,179 @@
+"""What the streaming loaders (dali.py, pil_stream.py) share: the plan of each step and its
+augmentation, and the trainer's data interface over a decoder of files.
+
+Why one plan for both: the trainer's sampler stays authoritative. A step's global batch comes from
+sampler.global_batches(seed, round, epoch), and every random draw of the whole global batch (crop
+box, colour jitter, grayscale, flip) from sampler.augment_generator(seed, round, epoch, step) and
+the image sizes recorded in the file index. So the augmented global batch does not depend on the
+number of ranks or on the loader, and a run resumes mid-epoch on the same trajectory. A decoder
+only turns (file, crop box) into size x size uint8 pixels; colour, grayscale, flip and the
+normalisation run batched on the training device with the in-memory path's own tensor ops.
+
+Streamed images are normalised with the ImageNet mean/std.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .augment import _COLOUR_OPS, _CROP_TRIES, _normalize, grayscale
+from .base import Batch
+from .index import FileIndex
+from .sampler import augment_generator, global_batches, rank_slice
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class StepPlan:
+    step: int
+    index: torch.Tensor      # (GB,) the global batch's sample indices, rank order
+    sizes: list[int]         # rows per rank
+    mine: torch.Tensor       # (b,) this rank's sample indices
+    boxes: torch.Tensor      # (b, 4) int64 crop boxes (top, left, height, width) in stored pixels
+    colour: dict             # this rank's rows of the colour, grayscale and flip draws
+
+
+class StreamAugment:
+    """RandomResizedCrop boxes per sample (each from its own image size), then ColorJitter ->
+    RandomGrayscale -> RandomHorizontalFlip -> Normalize batched on already cropped images: the
+    distribution of augment.TrainAugment (torchvision's), for images of different sizes."""
+
+    def __init__(self, size: int, crop_scale=(0.2, 1.0), jitter: float = 0.4, grayscale_p: float = 0.2,
+                 flip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, ratio=(3 / 4, 4 / 3)):
+        self.size, self.crop_scale, self.ratio = size, tuple(crop_scale), tuple(ratio)
+        self.jitter, self.grayscale_p, self.flip = float(jitter), float(grayscale_p), flip
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def draw(self, hw: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Crop boxes (total, 4) and colour draws of `total` images of sizes `hw` (total, 2)."""
+        g, total = generator, len(hw)
+        height, width = hw[:, :1].double(), hw[:, 1:].double()
+        area = height * width * torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(*self.crop_scale, generator=g)
+        log_r = torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
+            math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
+        pos = torch.rand(total, 2, dtype=torch.float64, generator=g)
+        j = self.jitter
+        factors = torch.empty(total, 4, dtype=torch.float64).uniform_(max(0.0, 1 - j), 1 + j, generator=g)
+        factors[:, 3] = torch.empty(total, dtype=torch.float64).uniform_(-min(j, 0.5), min(j, 0.5), generator=g)
+        order = torch.rand(total, 4, generator=g).argsort(1)            # per-sample order of the colour ops
+        gray = torch.rand(total, generator=g) < self.grayscale_p
+        flip = (torch.rand(total, generator=g) < 0.5) & self.flip
+
+        w = torch.round(torch.sqrt(area * torch.exp(log_r)))
+        h = torch.round(torch.sqrt(area / torch.exp(log_r)))
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.to(torch.int8).argmax(1, keepdim=True)              # first fitting try
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        height, width = height[:, 0], width[:, 0]
+        # No try fits: torchvision's fallback, the centred whole image with its ratio clamped.
+        ratio = width / height
+        fw = torch.where(ratio > self.ratio[1], torch.round(height * self.ratio[1]), width)
+        fh = torch.where(ratio < self.ratio[0], torch.round(width / self.ratio[0]), height)
+        none = ~ok.any(1)
+        w, h = torch.where(none, fw, w), torch.where(none, fh, h)
+        top = torch.where(none, (height - h) // 2, torch.floor(pos[:, 0] * (height - h + 1)))
+        left = torch.where(none, (width - w) // 2, torch.floor(pos[:, 1] * (width - w + 1)))
+        boxes = torch.stack([top, left, h, w], 1).long()
+        return boxes, dict(factors=factors, order=order, gray=gray, flip=flip)
+
+    def __call__(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        """uint8 (b, S, S, 3) crops on the device -> float (b, 3, S, S) augmented and normalised."""
+        dev, b = images.device, len(images)
+        x = images.permute(0, 3, 1, 2).float().div_(255)
+        if self.jitter > 0:
+            factors = p["factors"].float().to(dev).view(b, 4, 1, 1, 1)
+            for step in range(4):                  # apply op order[:, step] to each sample
+                for op in range(4):
+                    idx = (p["order"][:, step] == op).nonzero()[:, 0]     # on the CPU: no device sync
+                    if len(idx):
+                        idx = idx.to(dev)
+                        x[idx] = _COLOUR_OPS[op](x[idx], factors[idx, op])
+        if p["gray"].any():
+            x = torch.where(p["gray"].to(dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
+        if p["flip"].any():
+            x = torch.where(p["flip"].to(dev).view(b, 1, 1, 1), x.flip(-1), x)
+        return _normalize(x, self.mean, self.std)
+
+
+def eval_resize(cfg) -> int:
+    """Shorter side before the evaluation centre crop: data.eval_resize, else image_size * 256/224."""
+    return cfg.data.eval_resize or round(cfg.data.image_size * 256 / 224)
+
+
+class StreamData:
+    """The trainer's data interface over files. Subclasses decode: `_decode_train` turns step plans
+    into (plan, uint8 (b, S, S, 3) crops) in order, `_decode_eval` lists of samples into their
+    test-transformed uint8 images (shorter side resized to `resize`, centre crop S)."""
+
+    def __init__(self, train: FileIndex, test: FileIndex, cfg, env, eval_batch: int = 256):
+        d, t = cfg.data, cfg.train
+        self.index = {"train": train, "test": test}
+        self.train, self.test = train.info(), test.info()
+        self.env, self.batch_size, self.seed, self.eval_batch = env, t.batch_size, t.seed, eval_batch
+        self.size, self.resize, self.workers = d.image_size, eval_resize(cfg), d.workers
+        self.augment = StreamAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip)
+        self.hw = torch.from_numpy(train.sizes)
+        self._orders: dict = {}
+
+    def _order(self, round_: int, epoch: int) -> list[torch.Tensor]:
+        key = (round_, epoch)
+        if key not in self._orders:           # one randperm of N per epoch, not per call
+            self._orders = {key: global_batches(len(self.train), self.batch_size, self.env.world,
+                                                self.seed, round_, epoch)}
+        return self._orders[key]
+
+    def steps(self, round_: int, epoch: int) -> int:
+        return len(self._order(round_, epoch))
+
+    def plans(self, round_: int, epoch: int, start: int = 0) -> Iterator[StepPlan]:
+        order, env = self._order(round_, epoch), self.env
+        for step in range(start, len(order)):
+            idx = order[step]
+            offset, sizes = rank_slice(len(idx), env.world, env.rank)
+            boxes, colour = self.augment.draw(self.hw[idx], augment_generator(self.seed, round_, epoch, step))
+            mine = slice(offset, offset + sizes[env.rank])
+            yield StepPlan(step, idx, sizes, idx[mine], boxes[mine], {k: v[mine] for k, v in colour.items()})
+
+    def batches(self, round_: int, epoch: int, start: int = 0) -> Iterator[Batch]:
+        dev = self.env.device
+        for plan, images in self._decode_train(self.plans(round_, epoch, start)):
+            x = self.augment(images.to(dev, non_blocking=True), plan.colour)
+            yield Batch(x, plan.index.to(dev), plan.sizes, self.train.labels[plan.mine])
+
+    def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
+        chunks = [list(range(a, min(a + self.eval_batch, hi))) for a in range(lo, hi, self.eval_batch)]
+        for images in self._decode_eval(self.index[split], chunks):
+            x = images.to(self.env.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            yield _normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+    def pictures(self, index: torch.Tensor) -> torch.Tensor:
+        ids = index.tolist()
+        chunks = [ids[a: a + self.eval_batch] for a in range(0, len(ids), self.eval_batch)]
+        images = [x.cpu() for x in self._decode_eval(self.index["train"], chunks)]
+        return torch.cat(images) if images else torch.empty(0, self.size, self.size, 3, dtype=torch.uint8)
+
+    def _decode_train(self, plans: Iterator[StepPlan]) -> Iterator[tuple[StepPlan, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _decode_eval(self, index: FileIndex, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+
+class Pending:
+    """Plans handed to a decoder that runs ahead, matched to its outputs in order."""
+
+    def __init__(self):
+        self.queue: deque = deque()
+
+    def put(self, item):
+        self.queue.append(item)
+        return item
+
+    def take(self):
+        return self.queue.popleft()

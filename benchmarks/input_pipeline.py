@@ -1,0 +1,122 @@
+"""Input pipeline: images/s of the DALI loader against the PIL DataLoader on the same JPEG folder.
+
+Both are the trainer's own loaders (data.loader=dali and data.loader=torch) with the same config:
+the same epoch plan (files, RandomResizedCrop boxes, jitter, grayscale, flip draws), image size,
+batch and number of CPU workers (DALI threads / DataLoader processes). Two figures each:
+
+  decode   the loader's own work: read, decode, crop and resize to size x size uint8
+           (DALI pipeline vs DataLoader workers with PIL)
+  batches  what the trainer gets: `batches()` = decode + colour jitter, grayscale, flip and
+           normalisation batched on the device (--device; on the CPU with torch threads = --workers)
+
+Each figure is the best of --repeats epochs (or their first --steps batches) over the folder's
+train/ split, timed from the loader's start (paid at every epoch) to its last batch, so that a
+read-ahead buffer cannot flatter it; the file list (index.py) is built before timing. Without
+--root, --images JPEGs of ImageNet-like sizes (shorter side 300-450, aspect 5:4 to 3:2, smooth
+content with noise, quality 90, ~100 KiB) are generated once under --cache.
+
+Run:  .venv/bin/python benchmarks/input_pipeline.py                           # generated, 224 px, 2 workers
+      .venv/bin/python benchmarks/input_pipeline.py --device cuda --workers 8 --images 4000 --batch 256
+      .venv/bin/python benchmarks/input_pipeline.py --root /datasets/imagenet --workers 8 --steps 200
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from and_dist.config import load_config  # noqa: E402
+from and_dist.data import build_data  # noqa: E402
+from and_dist.dist import Env  # noqa: E402
+
+
+def _write_jpeg(job: tuple[Path, int]) -> None:
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    short = int(rng.integers(300, 451))
+    long = int(short * rng.uniform(1.25, 1.5))
+    h, w = (short, long) if rng.random() < 0.75 else (long, short)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / 64
+    f = rng.uniform(0.5, 2, 6)
+    img = 128 + 80 * np.stack([np.sin(f[0] * xx + f[1] * yy), np.cos(f[2] * yy - f[3] * xx),
+                               np.sin(f[4] * (xx + yy)) * np.cos(f[5] * xx)], -1)
+    img += rng.normal(0, 12, (h, w, 1)).astype(np.float32)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_folder(root: Path, count: int, classes: int = 10) -> Path:
+    """`count` ImageNet-like JPEGs in train/ (and a few in test/); kept if already there."""
+    done = root / f".complete-{count}"
+    if done.exists():
+        return root
+    jobs = []
+    for split, n in (("train", count), ("test", classes)):
+        for k in range(n):
+            d = root / split / f"c{k % classes:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            jobs.append((d / f"{k:06d}.JPEG", len(jobs)))
+    with Pool() as pool:
+        pool.map(_write_jpeg, jobs, chunksize=16)
+    done.touch()
+    return root
+
+
+def rate(data, what: str, epoch: int, steps: int) -> float:
+    """Images per second over one epoch (its first `steps` batches if > 0), from the loader's start."""
+    t0, count = time.perf_counter(), 0
+    it = data._decode_train(data.plans(0, epoch)) if what == "decode" else data.batches(0, epoch)
+    for k, item in enumerate(it):
+        count += len(item[1] if what == "decode" else item.labels)
+        if k + 1 == steps:
+            break
+    if what == "batches" and data.env.device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="", help="ImageFolder tree (train/ and test/ or val/); default: generated")
+    ap.add_argument("--images", type=int, default=800, help="images to generate without --root")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "and_dist_input_bench"))
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=0, help="batches per timed epoch; 0 = all")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: DALI's mixed (nvJPEG) decoder")
+    args = ap.parse_args()
+    root = Path(args.root) if args.root else make_folder(Path(args.cache) / "jpegs", args.images)
+    torch.set_num_threads(args.workers)
+    results = {}
+    for loader in ("dali", "torch"):
+        cfg = load_config("demo", ["data.source=imagefolder", f"data.root={root}", f"data.loader={loader}",
+                                   f"data.image_size={args.size}", f"data.workers={args.workers}",
+                                   f"train.batch_size={args.batch}"])
+        data = build_data(cfg, Env(device=torch.device(args.device)), str(Path(args.cache) / "index"), print, False)
+        results[loader] = {what: max(rate(data, what, e, args.steps) for e in range(args.repeats))
+                           for what in ("decode", "batches")}
+    index = data.index["train"]
+    sample = range(0, len(index), max(1, len(index) // 2000))        # a stat per file is slow on NFS
+    kib = np.mean([os.path.getsize(index.path(i)) for i in sample]) / 1024
+    h, w = np.median(index.sizes[list(sample)], 0).astype(int)
+    print(f"{len(index)} JPEGs in {root}/train ({kib:.0f} KiB, median {w}x{h} px), {args.size} px crops, "
+          f"batch {args.batch}, {args.workers} workers, {os.cpu_count()} CPUs, device {args.device}")
+    print(f"{'images/s':10s} {'DALI':>8s} {'PIL':>8s} {'DALI/PIL':>9s}")
+    for what in ("decode", "batches"):
+        d, p = results["dali"][what], results["torch"][what]
+        print(f"{what:10s} {d:8.1f} {p:8.1f} {d / p:9.2f}")
+
+
+if __name__ == "__main__":
+    main()

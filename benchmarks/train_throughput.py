@@ -1,0 +1,155 @@
+"""Trainer throughput against the model's own speed: how much the AND step (data, loss, bank) costs.
+
+What is measured, per (arch, image size, batch), one process on --device with synthetic uint8
+images held by CachedData (on the GPU when CUDA):
+
+  trainer  Trainer.step on CachedData batches: batched augmentation on the device, forward under
+           train.precision (bf16 autocast on CUDA by default, channels_last for conv nets), the AND
+           loss over a bank of N rows (train.kernel: attention on CUDA), backward, SGD, bank update.
+  model    forward + backward + SGD step of the same network on one fixed, already augmented batch
+           of the same size, precision and layout (loss = sum of the features): the ceiling.
+
+Reported: images/s of both and trainer/model, from one run; and host syncs per steady-state
+step (CUDA; torch's sync debug mode counts them).
+
+Run:  .venv/bin/python benchmarks/train_throughput.py --device cuda
+      .venv/bin/python benchmarks/train_throughput.py --device cpu --cases resnet18_cifar:32:32 --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import torch
+
+from common import REPO
+
+sys.path.insert(0, str(REPO))
+
+CASES = ["resnet18_cifar:32:128", "resnet18_cifar:32:512", "alexnet_bn:224:256"]
+
+
+def synthetic(n: int, size: int, seed: int):
+    from and_dist.data.cached import ImageSet
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (n,), generator=g), [str(c) for c in range(10)])
+
+
+def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str, compile_: bool):
+    from and_dist import dist, precision
+    from and_dist.config import Config
+    from and_dist.data.cached import CachedData
+    from and_dist.method.bank import ShardedBank
+    from and_dist.method.curriculum import Curriculum
+    from and_dist.models import build_model
+    from and_dist.trainer import Trainer
+
+    cfg = Config()
+    cfg.model.arch, cfg.data.image_size, cfg.train.batch_size = arch, size, batch
+    cfg.train.precision, cfg.train.compile = precision_, compile_
+    env = dist.init(device)
+    data = CachedData(synthetic(n, size, 0), synthetic(64, size, 1), cfg, env)
+    model = build_model(arch, cfg.model.low_dim, size).to(env.device)
+    last = precision.set_layout(model, env.device)
+    forward = precision.wrap(model, env.device, precision_, last, compile_)
+    opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    bank = ShardedBank(n, cfg.model.low_dim, device=env.device)
+    trainer = Trainer(cfg, env, None, data, model, forward, opt, bank, Curriculum(0.25), None, None, None, None, None)
+    return trainer, data, forward, opt, env
+
+
+def measure(fn, steps: int, cuda: bool) -> float:
+    """Seconds per call over `steps` calls after warm-up (synchronised at both ends)."""
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def syncs_per_step(fn, steps: int = 5) -> tuple[float, str]:
+    """Host syncs per call, counted by torch.cuda's sync debug mode (warn), and where they are."""
+    import collections
+    import os
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where = collections.Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs)
+    return len(syncs) / steps, ", ".join(f"{k} x{v / steps:g}" for k, v in where.most_common(8))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cases", nargs="+", default=CASES, help="arch:image_size:batch")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--n", type=int, default=50000, help="data set size (bank rows); 224 px uses n / 10")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    from and_dist import precision
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, precision "
+          f"{precision.resolve(args.precision, torch.device(args.device))}, compile {args.compile}, "
+          f"{args.steps} timed steps", flush=True)
+    head = (f"{'arch':<15} {'px':>4} {'batch':>6} {'trainer img/s':>14} {'model img/s':>12} "
+            f"{'trainer/model':>13} {'syncs/step':>10}")
+    print(head + "\n" + "-" * len(head), flush=True)
+    for case in args.cases:
+        arch, size, batch = case.split(":")
+        size, batch = int(size), int(batch)
+        n = args.n if size <= 96 else max(args.n // 10, 4 * batch)
+        trainer, data, forward, opt, env = build(arch, size, batch, n, args.device, args.precision, args.compile)
+        stream = iter(())
+
+        def train_step():
+            nonlocal stream
+            batch_ = next(stream, None)
+            if batch_ is None:
+                stream = iter(data.batches(0, 0))
+                batch_ = next(stream)
+            return trainer.step(batch_)
+
+        fixed = next(iter(data.batches(0, 1))).images
+
+        def model_step():
+            out = forward(fixed)
+            opt.zero_grad(set_to_none=True)
+            out.sum().backward()
+            opt.step()
+
+        one = next(iter(data.batches(0, 2)))
+        t_model = measure(model_step, args.steps, cuda)
+        t_train = measure(train_step, args.steps, cuda)
+        t_fixed = measure(lambda: trainer.step(one), args.steps, cuda)      # the step without the data
+        t_data = measure(lambda: next(iter(data.batches(0, 3))), args.steps, cuda)
+        syncs, where = syncs_per_step(train_step) if cuda else (float("nan"), "")
+        print(f"{arch:<15} {size:>4} {batch:>6} {batch / t_train:>14.0f} {batch / t_model:>12.0f} "
+              f"{t_model / t_train:>13.3f} {syncs:>10.1f}", flush=True)
+        print(f"    step on a fixed batch {batch / t_fixed:.0f} img/s, data alone {batch / t_data:.0f} img/s"
+              + (f"; syncs at {where}" if where else ""), flush=True)
+    print("trainer: Trainer.step on CachedData batches (augmentation, forward, AND loss, backward, SGD, bank "
+          "update); model: forward + backward + SGD on one fixed augmented batch, same precision and layout.")
+
+
+if __name__ == "__main__":
+    main()
