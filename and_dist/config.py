@@ -203,7 +203,7 @@ def validate(cfg: Config) -> None:
 
 # ----- public entry points
 
-def _find_config(config: str) -> Path:
+def find_config(config: str) -> Path:
     path = Path(config).expanduser()
     if path.is_file():
         return path
@@ -218,7 +218,7 @@ def _find_config(config: str) -> Path:
 
 def load_config(config: str, overrides: list[str]) -> Config:
     """Defaults <- YAML file `config` (path or name in configs/) <- `a.b=value` overrides."""
-    path = _find_config(config)
+    path = find_config(config)
     data = yaml_load(path.read_text(), str(path))
     if data is None:
         data = {}

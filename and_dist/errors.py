@@ -1,7 +1,12 @@
 """A user mistake (bad config, bad data, wrong checkpoint): reported as one line, exit status 2.
 
-Anything else is a bug or a system failure and keeps its traceback (in the log file, and on the
-console with AND_DEBUG=1)."""
+Anything else is a bug or a system failure: one line per failing rank, exit status 1, and the
+traceback in the run's `errors.log` (and on the console with AND_DEBUG=1)."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
 
 
 class UserError(Exception):
@@ -9,3 +14,22 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def exit_status(e: BaseException, env, run_dir=None) -> int:
+    """Report an exception that ends an entry point (inside its `except`) and return its status."""
+    if isinstance(e, UserError):
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"[rank {env.rank}] error: {type(e).__name__}: {e}", file=sys.stderr)
+    text = traceback.format_exc()
+    if os.environ.get("AND_DEBUG"):
+        print(text, file=sys.stderr)
+    if run_dir is not None:
+        try:
+            with open(os.path.join(run_dir, "errors.log"), "a") as f:
+                f.write(f"[rank {env.rank}]\n{text}\n")
+        except OSError:
+            pass
+    return 1

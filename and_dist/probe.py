@@ -32,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint, dist, files, rundir
-from .config import Config, ConfigError, _find_config, save_config, to_dict, validate
+from .config import Config, ConfigError, find_config, save_config, to_dict, validate
 from .data import build_data
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_USER_ERROR, UserError, exit_status
 from .eval.probes import ProbeHeads, ProbeProgress, Taps, evaluate, lr_at
 from .log import RunLog, fmt
 from .stop import Stop
@@ -240,7 +240,7 @@ def _checkpoint_dir(text: str) -> Path:
 def configure(cfg: Config, config: str, overrides: list[str]) -> Config:
     """The run's config <- the `config` YAML file (if any) <- `a.b=value` overrides, validated."""
     if config:
-        path = _find_config(config)
+        path = find_config(config)
         data = yaml_load(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
@@ -268,7 +268,6 @@ def _lock(run: Path, env) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .eval.pretrained import load_model
-    from .train import _report_error
     parser = argparse.ArgumentParser(prog="python -m and_dist.probe", description=(
         "Linear probes on the frozen layers of a trained run. Overrides use YAML values, e.g. "
         "probe.epochs=10 probe.layers=[conv1,conv5] data.root=/data/imagenet"))
@@ -310,13 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             log.close()
         return 0 if results is not None else stop.exit_status()
-    except UserError as e:
-        if env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Exception as e:  # noqa: BLE001 - one line per failing rank; traceback in the run's log
-        _report_error(e, env, run)
-        return 1
+    except Exception as e:  # noqa: BLE001 - see errors.exit_status
+        return exit_status(e, env, run)
     finally:
         if locked and env.is_main:
             rundir.release(run)

@@ -8,9 +8,7 @@ console with AND_DEBUG=1).
 """
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ import torch.nn as nn
 from . import checkpoint, dist, precision, rundir
 from .config import Config, config_or_exit, save_config, to_dict
 from .data import build_data
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import UserError, exit_status
 from .log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
@@ -106,19 +104,6 @@ def _banner(log, cfg, env, run, data, ckpt, p) -> None:
              f"{len(data.train.classes)} classes, {skipped} skipped" + (" (skipped.txt)" if skipped else ""))
 
 
-def _report_error(e: BaseException, env, run: Path | None) -> None:
-    print(f"[rank {env.rank}] error: {type(e).__name__}: {e}", file=sys.stderr)
-    text = traceback.format_exc()
-    if os.environ.get("AND_DEBUG"):
-        print(text, file=sys.stderr)
-    if run is not None:
-        try:
-            with open(run / "errors.log", "a") as f:
-                f.write(f"[rank {env.rank}]\n{text}\n")
-        except OSError:
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
     env = dist.init(cfg.train.device)
@@ -137,13 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             status = 0 if done else stop.exit_status()
         del trainer  # DDP must go before its process group, or gloo aborts at exit
         return status
-    except UserError as e:
-        if env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Exception as e:  # noqa: BLE001 - one line per failing rank; traceback in the run's log
-        _report_error(e, env, run)
-        return 1
+    except Exception as e:  # noqa: BLE001 - see errors.exit_status
+        return exit_status(e, env, run)
     finally:
         if run is not None and env.is_main:
             rundir.release(run)
