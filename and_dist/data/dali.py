@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .index import FileIndex
-from .stream import Pending, StepPlan, StreamData
+from .stream import StepPlan, StreamData
 
 DALI_FORMATS = ("JPEG", "PNG")   # fed as they are; anything else is transcoded to PNG first
 
@@ -68,7 +68,8 @@ class DaliData(StreamData):
         from nvidia.dali import fn, pipeline_def, types
         cuda = self.env.device.type == "cuda"
         decoder = "mixed" if cuda else "cpu"
-        source = lambda: next(self._feeds[train])   # noqa: E731 - StopIteration ends DALI's pass
+        feeds = self._feeds       # not self: no reference cycle, the pipeline goes with its loader
+        source = lambda: next(feeds[train])   # noqa: E731 - StopIteration ends DALI's pass
         batch = -(-self.batch_size // self.env.world) if train else self.eval_batch   # most rows per run
 
         @pipeline_def(batch_size=batch, num_threads=max(1, self.workers), prefetch_queue_depth=2,
@@ -95,31 +96,34 @@ class DaliData(StreamData):
         cuda = self.env.device.type == "cuda"
         pipe = self._pipes.pop(train, None) or self._pipeline(train)
         self._feeds[train] = feed
-        while True:
-            try:
-                (out,) = pipe.run()
-            except StopIteration:           # the feed ran dry: keep the pipeline for the next pass
-                pipe.reset()
-                self._pipes[train] = pipe
-                return
-            images = torch.empty((len(out), self.size, self.size, 3), dtype=torch.uint8, device=self.env.device)
-            feed_ndarray(out.as_tensor(), images, cuda_stream=torch.cuda.current_stream() if cuda else None)
-            yield images
+        try:
+            while True:
+                try:
+                    (out,) = pipe.run()
+                except StopIteration:           # the feed ran dry: keep the pipeline for the next pass
+                    pipe.reset()
+                    self._pipes[train] = pipe
+                    return
+                images = torch.empty((len(out), self.size, self.size, 3), dtype=torch.uint8, device=self.env.device)
+                feed_ndarray(out.as_tensor(), images, cuda_stream=torch.cuda.current_stream() if cuda else None)
+                yield images
+        finally:
+            self._feeds.pop(train).close()      # a pass left unfinished stops its reading threads now
 
     def _decode_train(self, plans: Iterator[StepPlan]) -> Iterator[tuple[StepPlan, torch.Tensor]]:
-        index, pending = self.index["train"], Pending()
+        index, pending = self.index["train"], deque()      # plans handed to the decoder, in order
         jobs = ((plan, [lambda i=i: encoded(index, i) for i in plan.mine.tolist()]) for plan in plans)
 
         def feed():
             for plan, data in read_ahead(jobs, self.workers):
-                pending.put(plan)
+                pending.append(plan)
                 boxes = plan.boxes.numpy()
                 anchors = [np.array([b[1], b[0]], dtype=np.int32) for b in boxes]     # (x, y)
                 shapes = [np.array([b[3], b[2]], dtype=np.int32) for b in boxes]      # (width, height)
                 yield data, anchors, shapes
 
         for images in self._run(True, feed()):
-            yield pending.take(), images
+            yield pending.popleft(), images
 
     def _decode_eval(self, index: FileIndex, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
         jobs = ((None, [lambda i=i: encoded(index, i) for i in c]) for c in chunks if c)

@@ -8,6 +8,7 @@ which is much faster and changes the pixels only like any antialiased downscale.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Iterator
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .index import FileIndex
-from .stream import Pending, StepPlan, StreamData
+from .stream import StepPlan, StreamData
 
 
 def load_crop(path: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
@@ -61,18 +62,18 @@ class TorchData(StreamData):
 
     def _loader(self, keys: Iterator[list]) -> DataLoader:
         return DataLoader(_Files(self.size, self.resize), batch_sampler=keys, num_workers=self.workers,
-                          pin_memory=self.env.device.type == "cuda", prefetch_factor=4 if self.workers else None)
+                          pin_memory=self.env.device.type == "cuda")
 
     def _decode_train(self, plans: Iterator[StepPlan]) -> Iterator[tuple[StepPlan, torch.Tensor]]:
-        index, pending = self.index["train"], Pending()
+        index, pending = self.index["train"], deque()      # plans handed to the decoder, in order
 
         def keys():          # consumed ahead by the DataLoader, in step order
             for plan in plans:
-                pending.put(plan)
+                pending.append(plan)
                 yield [(index.path(i), *box) for i, box in zip(plan.mine.tolist(), plan.boxes.tolist())]
 
         for images in self._loader(keys()):
-            yield pending.take(), images
+            yield pending.popleft(), images
 
     def _decode_eval(self, index: FileIndex, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
         yield from self._loader([[(index.path(i),) for i in chunk] for chunk in chunks if chunk])

@@ -14,13 +14,12 @@ Streamed images are normalised with the ImageNet mean/std.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .augment import _COLOUR_OPS, _CROP_TRIES, _normalize, grayscale
+from .augment import _CROP_TRIES, _normalize, _to_float, grayscale, jitter_indexed, jitter_masked, to_device
 from .base import Batch
 from .index import FileIndex
 from .sampler import augment_generator, global_batches, rank_slice
@@ -54,7 +53,8 @@ class StreamAugment:
         """Crop boxes (total, 4) and colour draws of `total` images of sizes `hw` (total, 2)."""
         g, total = generator, len(hw)
         height, width = hw[:, :1].double(), hw[:, 1:].double()
-        area = height * width * torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(*self.crop_scale, generator=g)
+        area = height * width * torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
+            *self.crop_scale, generator=g)
         log_r = torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
             math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
         pos = torch.rand(total, 2, dtype=torch.float64, generator=g)
@@ -85,19 +85,15 @@ class StreamAugment:
     def __call__(self, images: torch.Tensor, p: dict) -> torch.Tensor:
         """uint8 (b, S, S, 3) crops on the device -> float (b, 3, S, S) augmented and normalised."""
         dev, b = images.device, len(images)
-        x = images.permute(0, 3, 1, 2).float().div_(255)
+        x = _to_float(images)
         if self.jitter > 0:
-            factors = p["factors"].float().to(dev).view(b, 4, 1, 1, 1)
-            for step in range(4):                  # apply op order[:, step] to each sample
-                for op in range(4):
-                    idx = (p["order"][:, step] == op).nonzero()[:, 0]     # on the CPU: no device sync
-                    if len(idx):
-                        idx = idx.to(dev)
-                        x[idx] = _COLOUR_OPS[op](x[idx], factors[idx, op])
-        if p["gray"].any():
-            x = torch.where(p["gray"].to(dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
+            factors = to_device(p["factors"].float(), dev).view(b, 4, 1, 1, 1)
+            jitter = jitter_masked if dev.type == "cuda" else jitter_indexed
+            x = jitter(x, factors, p["order"])
+        if p["gray"].any():                        # the draws live on the CPU: no device sync
+            x = torch.where(to_device(p["gray"], dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
         if p["flip"].any():
-            x = torch.where(p["flip"].to(dev).view(b, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(to_device(p["flip"], dev).view(b, 1, 1, 1), x.flip(-1), x)
         return _normalize(x, self.mean, self.std)
 
 
@@ -144,13 +140,12 @@ class StreamData:
         dev = self.env.device
         for plan, images in self._decode_train(self.plans(round_, epoch, start)):
             x = self.augment(images.to(dev, non_blocking=True), plan.colour)
-            yield Batch(x, plan.index.to(dev), plan.sizes, self.train.labels[plan.mine])
+            yield Batch(x, to_device(plan.index, dev), plan.sizes, self.train.labels[plan.mine])
 
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         chunks = [list(range(a, min(a + self.eval_batch, hi))) for a in range(lo, hi, self.eval_batch)]
         for images in self._decode_eval(self.index[split], chunks):
-            x = images.to(self.env.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-            yield _normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+            yield _normalize(_to_float(images.to(self.env.device, non_blocking=True)), IMAGENET_MEAN, IMAGENET_STD)
 
     def pictures(self, index: torch.Tensor) -> torch.Tensor:
         ids = index.tolist()
@@ -164,16 +159,3 @@ class StreamData:
     def _decode_eval(self, index: FileIndex, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
         raise NotImplementedError
 
-
-class Pending:
-    """Plans handed to a decoder that runs ahead, matched to its outputs in order."""
-
-    def __init__(self):
-        self.queue: deque = deque()
-
-    def put(self, item):
-        self.queue.append(item)
-        return item
-
-    def take(self):
-        return self.queue.popleft()
