@@ -22,7 +22,7 @@ from .log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
 from .models import build_model, convert_global_bn
-from .probe import run_probes
+from .eval.prober import run_probes
 from .report import Report
 from .state import RNG, Progress, RunConfig
 from .stop import Stop

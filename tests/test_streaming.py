@@ -245,6 +245,26 @@ def test_a_stopped_dali_run_resumes_to_the_state_of_one_left_alone(tree, tmp_pat
     assert torch.allclose(_final_bank(run), _final_bank(tmp_path / "alone"), atol=1e-6)
 
 
+@pytest.mark.parametrize("loader,ranks", [("dali", 2), ("torch", 1)])
+def test_the_imagenet_config_pretrains_then_probes_every_conv_layer(tree, tmp_path, loader, ranks):
+    """`imagenet_alexnet.yaml` at a tiny budget: pretraining, kNN, then the five conv probes right
+    after (probe.after_train), with probes.json, the per-layer PNG and the offline wandb run."""
+    run = tmp_path / "inet"
+    head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+            f"--master_port={_free_port()}"] if ranks > 1 else [sys.executable]
+    args = ["--config", "imagenet_alexnet", f"data.root={tree}", f"data.loader={loader}", "data.image_size=64",
+            "data.workers=1", "train.batch_size=12", "train.epochs_per_round=1", "curriculum.rounds=1",
+            "eval.knn_k=5", "probe.epochs=1", "probe.batch_size=12", "log.wandb_mode=offline",
+            "train.threads=1", f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run([*head, "-m", "and_dist.train", *args], cwd=REPO, env=ENV, text=True,
+                          capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    probes = json.loads((run / "probes.json").read_text())
+    assert "conv5" in json.dumps(probes) and "conv1" in json.dumps(probes)
+    assert (run / "probes.png").stat().st_size > 1000 and list((run / "wandb").glob("offline-run-*"))
+    assert len(_events(run, "probe")) >= 1 and "probes done" in proc.stdout
+
+
 # ------------------------------------------------------------------------------- 2 ranks, torchrun
 
 def _free_port() -> int:

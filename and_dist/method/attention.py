@@ -13,6 +13,7 @@ are combined exactly, as across ranks (split-KV).
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -49,11 +50,12 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tenso
     return out[:, 0], lse[:, 0, : q.shape[2]].float()
 
 
-def triton_available(device: torch.device) -> bool:
+def triton_available(device: torch.device, kernel: str = "fused_attention") -> bool:
+    """Whether the Triton kernel module `kernel` (this package) can run on `device`: CUDA only."""
     if torch.device(device).type != "cuda":
         return False
     try:
-        from . import fused_attention  # noqa: F401
+        importlib.import_module(f"{__package__}.{kernel}")
         return True
     except ImportError:
         return False

@@ -23,7 +23,7 @@ import torch.distributed as tdist
 
 from .. import dist, memory
 from ..errors import UserError
-from .attention import attention_entropy
+from .attention import attention_entropy, triton_available
 from .bank import ShardedBank
 
 KERNELS = ("auto", "exact", "attention", "fused")
@@ -139,13 +139,7 @@ def _ring_slices(bank: ShardedBank):
 
 
 def fused_available(device) -> bool:
-    if torch.device(device).type != "cuda":
-        return False
-    try:
-        from . import fused_discovery  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return triton_available(device, "fused_discovery")
 
 
 def choose(kernel: str, precision: str, backend: str, device) -> tuple[str, str]:

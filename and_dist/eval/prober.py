@@ -1,0 +1,208 @@
+"""Training and scoring the linear probes of a frozen model (the `Prober` loop); the command-line
+entry point is and_dist/probe.py, and training calls `run_probes` when `probe.after_train` is set."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import checkpoint, dist, files
+from ..config import Config
+from ..data import build_data
+from ..errors import UserError
+from ..log import RunLog, fmt
+from ..stop import Stop
+from .probes import ProbeHeads, ProbeProgress, Taps, evaluate, lr_at
+
+
+# probe settings that must not change between a probe checkpoint and the run continuing it
+FIXED = ("layers", "batch_size", "lr", "momentum", "weight_decay", "lr_decay_epochs", "lr_gamma",
+         "crop_scale", "batch_norm")
+
+
+def probe_data_config(cfg: Config) -> Config:
+    """The run's data with the probe's augmentation and batch."""
+    c = copy.deepcopy(cfg)
+    c.data.jitter, c.data.grayscale_p, c.data.flip = 0.0, 0.0, True
+    c.data.crop_scale = list(cfg.probe.crop_scale)
+    c.train.batch_size = cfg.probe.batch_size
+    return c
+
+
+def run_probes(cfg: Config, env, run_dir: Path, model: nn.Module, log: RunLog, stop: Stop | None = None,
+               step: int = 0) -> dict | None:
+    """Train and score the probes of `model` (frozen, put in eval mode) for `cfg.probe`; outputs in
+    `run_dir`. `step`: the pretraining step of the probed weights (wandb steps continue from it).
+    Returns the probes.json content, or None when `stop` was signalled (after a checkpoint)."""
+    was_training, prober = model.training, None
+    try:
+        prober = Prober(cfg, env, Path(run_dir), model, log, stop, step)
+        return prober.run()
+    finally:
+        if prober is not None:
+            prober.taps.close()
+        model.train(was_training)
+
+
+class Prober:
+    def __init__(self, cfg, env, run_dir, model, log, stop, step):
+        self.cfg, self.p, self.env, self.dir, self.log, self.stop = cfg, cfg.probe, env, run_dir, log, stop
+        self.base_step = step
+        model.eval()
+        self.taps = Taps(model, self.p.layers, cfg.data.image_size)
+        cache = cfg.data.cache_dir or str(Path(cfg.out_dir).expanduser() / ".cache")
+        self.data = build_data(probe_data_config(cfg), env, cache, log.info, log.tty)
+        torch.manual_seed(cfg.train.seed)
+        self.heads = ProbeHeads(list(self.taps.dims.values()), len(self.data.train.classes),
+                                self.p.batch_norm).to(env.device)
+        self.ddp = self.heads
+        if env.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.heads, device_ids=[env.device] if env.device.type == "cuda" else None)
+        self.opt = torch.optim.SGD(self.heads.parameters(), lr=self.p.lr, momentum=self.p.momentum,
+                                   weight_decay=self.p.weight_decay)
+        self.progress = ProbeProgress(loss=[0.0] * len(self.p.layers), source={
+            "pretrain_step": step, "arch": cfg.model.arch, **{k: getattr(self.p, k) for k in FIXED}})
+        self.owners = {"heads": self.heads, "optimizer": self.opt, "progress": self.progress}
+        self.ckpt_root = run_dir / "probes" / "checkpoints"
+        self.autocast = env.device.type == "cuda" and cfg.train.precision != "fp32"
+        self.dtype = next(model.parameters()).dtype
+        self._restore()
+
+    def _restore(self) -> None:
+        ckpt = checkpoint.find_latest(self.ckpt_root)
+        if ckpt is None:
+            self.log.info(f"probes: fresh start; layers {', '.join(f'{n} ({d})' for n, d in self.taps.dims.items())}")
+            return
+        state = checkpoint.read_state(ckpt)
+        have = state["progress"]["source"]
+        for key, value in self.progress.source.items():      # before any owner takes a state
+            if have.get(key) != value:
+                raise UserError(f"{ckpt} holds probes with {key}={have.get(key)!r}, this run asks for "
+                                f"{value!r}; use the same setting or remove {self.dir / 'probes'} to probe again")
+        for key, owner in self.owners.items():
+            owner.load_state_dict(state[key])
+        p = self.progress
+        self.log.info(f"probes: resuming {ckpt} at epoch {p.epoch} step {p.step}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict | None:
+        p = self.progress
+        self.clock = (time.time(), p.seconds)
+        while p.epoch < self.p.epochs:
+            if not self.train_epoch():
+                return None
+            self.end_of_epoch()
+        return self.finish()
+
+    def train_epoch(self) -> bool:
+        p, env = self.progress, self.env
+        lr = lr_at(self.p, p.epoch)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        steps = self.data.steps(0, p.epoch)
+        self.ddp.train()
+        loss_sum = torch.zeros(len(self.taps.layers), dtype=torch.float64, device=env.device)
+        bar = self.log.bar(steps - p.step, f"probe epoch {p.epoch}")
+        t0, start = time.time(), p.step
+        for batch in self.data.batches(0, p.epoch, p.step):
+            if self.stop is not None and self.stop.requested():
+                bar.close()
+                p.loss = (torch.tensor(p.loss, dtype=torch.float64) + loss_sum.cpu()).tolist()
+                self.save(f"e{p.epoch}-s{p.step}")
+                self.log.info(f"probes stopped by signal {self.stop.signum} at epoch {p.epoch} step {p.step}: "
+                              "checkpoint saved; run the same command again to continue")
+                return False
+            feats = self.taps(batch.images.to(self.dtype), self.autocast)
+            labels = batch.labels.to(env.device)
+            losses = [F.cross_entropy(logits, labels) for logits in self.ddp(feats)]
+            self.opt.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()
+            self.opt.step()
+            loss_sum += torch.stack([l.detach() for l in losses]).double()
+            p.step, p.global_step = p.step + 1, p.global_step + 1
+            bar.update()
+        bar.close()
+        total = dist.all_reduce(loss_sum + torch.tensor(p.loss, dtype=torch.float64, device=env.device)).cpu()
+        self.epoch_loss = (total / max(steps * env.world, 1)).tolist()
+        secs = time.time() - t0
+        self.epoch_rate = (p.step - start) * self.p.batch_size / max(secs, 1e-9)
+        p.loss = [0.0] * len(p.loss)
+        return True
+
+    def end_of_epoch(self) -> None:
+        p, layers = self.progress, self.taps.layers
+        last = p.epoch + 1 == self.p.epochs
+        ten = self.p.ten_crop and last
+        bar = self.log.bar(len(self.data.test) // self.env.world, "probe test")
+        scores = evaluate(self.heads, self.taps, self.data, self.env, ten, self.autocast, bar)
+        bar.close()
+        lr = lr_at(self.p, p.epoch)
+        row = {"epoch": p.epoch, "lr": lr, "crop": "ten" if ten else "centre",
+               "layers": {n: {"top1": t1, "top5": t5, "loss": loss}
+                          for n, (t1, t5), loss in zip(layers, scores, self.epoch_loss)}}
+        p.history.append(row)
+        p.epoch, p.step = p.epoch + 1, 0
+        self.log.info(f"probe epoch {row['epoch']}: lr {lr:.4g} {self.epoch_rate:.0f} img/s; top-1 "
+                      + " ".join(f"{n} {fmt(s[0])}" for n, s in zip(layers, scores)))
+        step = self.base_step + p.global_step
+        self.log.event(event="probe", epoch=row["epoch"], step=step, lr=lr, images_per_s=self.epoch_rate,
+                       **{f"{n}_{k}": v for n, r in row["layers"].items() for k, v in r.items()})
+        self.write_outputs(finished=False, image_step=step)
+        self.save(f"e{p.epoch}")
+
+    def save(self, name: str) -> None:
+        start, before = self.clock
+        self.progress.seconds = before + time.time() - start
+        path = checkpoint.save(self.ckpt_root, name, self.owners, keep=2)
+        self.log.info(f"probe checkpoint {path}")
+
+    def finish(self) -> dict:
+        results = self.write_outputs(finished=True)
+        self.log.info("probes done: " + ", ".join(f"{n} top-1 {fmt(r['top1'])} top-5 {fmt(r['top5'])}"
+                                                  for n, r in results["layers"].items())
+                      + f"; kNN top-1 {fmt(results['knn_top1'])}  ({self.dir / 'probes.json'})")
+        return results
+
+    # ------------------------------------------------------------------ outputs
+
+    def _knn(self) -> tuple[float | None, float | None]:
+        try:
+            s = json.loads((self.dir / "summary.json").read_text())
+            return s.get("final_knn_top1"), s.get("final_knn_top5")
+        except (OSError, ValueError):
+            return None, None
+
+    def write_outputs(self, finished: bool, image_step: int | None = None) -> dict:
+        """probes.json and probes.png (rank 0) from the last scored epoch; the chart also to wandb."""
+        p, cfg = self.progress, self.cfg
+        last = p.history[-1]["layers"] if p.history else {}
+        knn1, knn5 = self._knn()
+        results = {
+            "finished": finished, "epochs_done": p.epoch, "pretrain_step": self.base_step,
+            "arch": cfg.model.arch, "image_size": cfg.data.image_size, "classes": len(self.data.train.classes),
+            "crop": p.history[-1]["crop"] if p.history else None,
+            "layers": {t.name: {"top1": last.get(t.name, {}).get("top1"), "top5": last.get(t.name, {}).get("top5"),
+                                "dim": t.dim, "shape": list(t.shape), "pool": repr(t.pool)} for t in self.taps.taps},
+            "knn_top1": knn1, "knn_top5": knn5,
+            "note": "top-1/top-5 (%) of the last epoch on the test split, never the best over epochs",
+            "protocol": asdict(self.p), "history": p.history, "seconds": p.seconds,
+        }
+        if self.env.is_main and last:
+            from ..plots import probe_chart
+            files.write_text(self.dir / "probes.json", json.dumps(results, indent=2))
+            title = f"{cfg.name}: linear probes ({cfg.model.arch}, epoch {p.epoch}/{self.p.epochs})"
+            chart = probe_chart(self.dir / "probes.png", {n: r["top1"] for n, r in last.items()}, knn1, title)
+            if image_step is not None:
+                self.log.image("probe/chart", chart, image_step)
+        return results
+
+
+# ---------------------------------------------------------------------- command line
