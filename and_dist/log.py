@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,26 @@ class _NoBar:
     def update(self, n=1): pass
     def set_postfix(self, *a, **k): pass
     def close(self): pass
+
+
+class _LineBar(_NoBar):
+    """Progress for a log file: one line every `every` seconds, only for steps that take longer
+    (discovery, feature extraction of a large set), never redraws."""
+
+    def __init__(self, total: int, desc: str, say, every: float = 60.0):
+        self.total, self.desc, self.say, self.every = total, desc, say, every
+        self.done, self.start = 0, time.time()
+        self.last = self.start
+
+    def update(self, n=1):
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.done / (now - self.start)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.say(f"{self.desc}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
+                     f"{rate:.0f}/s, ETA {eta / 60:.1f} min")
 
 
 def strict(value):
@@ -85,7 +106,7 @@ class RunLog:
 
     def bar(self, total: int, desc: str, leave: bool = False):
         if not self.tty:
-            return _NoBar()
+            return _LineBar(total, desc, self.info) if self.enabled else _NoBar()
         return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr)
 
     # checkpoint owner

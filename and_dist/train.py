@@ -22,7 +22,7 @@ from .log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
 from .models import build_model, convert_global_bn
-from .eval.prober import run_probes
+from .eval.prober import check_layers, run_probes
 from .report import Report
 from .state import RNG, Progress, RunConfig
 from .stop import Stop
@@ -63,13 +63,15 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
         save_config(cfg, run / "config.yaml")
     log = RunLog(run, env.is_main, cfg.log.progress, cfg.log.wandb_mode, cfg.log.wandb_project,
                  cfg.log.wandb_entity, to_dict(cfg), cfg.name)
-    data = build_data(cfg, env, cfg.data.cache_dir or str(Path(cfg.out_dir).expanduser() / ".cache"),
+    data = build_data(cfg, env, None,
                       log.info, log.tty)
     dtype = getattr(torch, t.dtype)
     model = build_model(cfg.model.arch, cfg.model.low_dim, cfg.data.image_size)
     if cfg.model.sync_bn and env.world > 1:
         model = convert_global_bn(model)
     model = model.to(env.device, dtype)
+    if cfg.probe.after_train:
+        check_layers(cfg, model)
     channels_last = precision.set_layout(model, env.device)
     ddp = model
     if env.world > 1:

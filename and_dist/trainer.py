@@ -38,6 +38,7 @@ class Trainer:
         self.model, self.ddp, self.opt, self.bank = model, ddp, opt, bank
         self.curriculum, self.p, self.owners, self.log = curriculum, progress, owners, log
         self.report, self.stop = report, stop
+        self.shard_fn = select_shard_fn(cfg.bank.kernel, env.device)   # chosen once, not per step
         self.dtype = next(model.parameters()).dtype
 
     def run(self) -> dict | None:
@@ -116,8 +117,7 @@ class Trainer:
         """One step; it adds no host sync (the loss stays on the device)."""
         feats = self.ddp(batch.images.to(self.dtype))
         positives = self.curriculum.positives(batch.index)
-        shard_fn = select_shard_fn(self.cfg.bank.kernel, self.env.device)
-        objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes, shard_fn)
+        objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes, self.shard_fn)
         self.opt.zero_grad(set_to_none=True)
         objective.backward()
         self.opt.step()

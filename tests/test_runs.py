@@ -146,6 +146,8 @@ def test_runtime_input_errors_are_one_line(tmp_path):
     one_line_error(train(*_folder(afile, runs)), "is a file")
     one_line_error(train(*TINY, "data.source=cifar10", f"data.root={tmp_path / 'dl'}", "data.download=true", runs),
                    "cannot fetch")
+    # a probe layer that the model lacks fails before pretraining, not after it
+    one_line_error(train(*TINY, runs, "probe.after_train=true", "probe.layers=[conv9]"), "no module 'conv9'")
 
 
 def test_resume_with_other_data_or_arch_names_both(tmp_path):
@@ -225,3 +227,14 @@ def test_instance_baseline_makes_no_anchors_and_trains_the_same_steps(tmp_path):
             sizes[name] = im.size
     assert all(w >= 300 and h >= 250 for w, h in sizes.values()), sizes
     assert not (tmp_path / "instance" / "anchors-round1.png").exists()   # no anchors, no grid
+
+
+def test_progress_in_a_log_file_is_a_line_every_interval_never_a_redraw():
+    from and_dist.log import _LineBar
+    lines = []
+    bar = _LineBar(100, "round 1 discovery", lines.append, every=0.05)
+    for _ in range(10):
+        time.sleep(0.02)
+        bar.update(10)
+    assert 2 <= len(lines) <= 5 and all(l.startswith("round 1 discovery: ") and "ETA" in l for l in lines)
+    assert "\r" not in "".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..errors import UserError
 from .base import Batch, SplitInfo, TrainData
@@ -112,8 +113,10 @@ def _main_first(env, load):
     return result if env.is_main else load(False)
 
 
-def build_data(cfg, env, cache_dir: str, log, progress: bool) -> TrainData:
-    """The data interface for `cfg`: in-memory sets (data.loader=cached) or a streaming loader."""
+def build_data(cfg, env, cache_dir: str | None, log, progress: bool) -> TrainData:
+    """The data interface for `cfg`: in-memory sets (data.loader=cached) or a streaming loader.
+    cache_dir None: data.cache_dir, else <out_dir>/.cache (shared by the runs of every name)."""
+    cache_dir = cache_dir or cfg.data.cache_dir or str(Path(cfg.out_dir).expanduser() / ".cache")
     quiet = lambda *_: None  # noqa: E731 - the other ranks repeat rank 0's work silently
     d = cfg.data
     if d.loader != "cached":

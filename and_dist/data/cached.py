@@ -82,6 +82,7 @@ def load_imagefolder(root: str, split: str, classes: list[str], image_size: int,
                     log(f"skipping unreadable image {path}: {reason}")
                 return cached
 
+    log(f"decoding {len(paths)} images of {split} into memory at {image_size} px (cached for later runs)")
     images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
 
     def work(i: int) -> str | None:

@@ -132,6 +132,7 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
             except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
                 log(f"file list cache {cache_path} is unreadable ({type(e).__name__}: {e}); "
                     f"listing and checking {split_dir} again")
+    log(f"listing and checking the images of {split_dir} once ({workers} threads; the list is cached)")
     index = _build(root, split, classes, workers, progress)
     for path, reason in index.skipped:
         log(f"skipping unreadable image {path}: {reason}")

@@ -50,14 +50,23 @@ def run_probes(cfg: Config, env, run_dir: Path, model: nn.Module, log: RunLog, s
         model.train(was_training)
 
 
+def check_layers(cfg: Config, model: nn.Module) -> None:
+    """Fail on a bad `probe.layers` before pretraining, not after it (one dry forward, eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        Taps(model, cfg.probe.layers, cfg.data.image_size).close()
+    finally:
+        model.train(was_training)
+
+
 class Prober:
     def __init__(self, cfg, env, run_dir, model, log, stop, step):
         self.cfg, self.p, self.env, self.dir, self.log, self.stop = cfg, cfg.probe, env, run_dir, log, stop
-        self.base_step = step
+        self.base_step, self.ckpt_root = step, run_dir / "probes" / "checkpoints"
         model.eval()
         self.taps = Taps(model, self.p.layers, cfg.data.image_size)
-        cache = cfg.data.cache_dir or str(Path(cfg.out_dir).expanduser() / ".cache")
-        self.data = build_data(probe_data_config(cfg), env, cache, log.info, log.tty)
+        self.data = build_data(probe_data_config(cfg), env, None, log.info, log.tty)
         torch.manual_seed(cfg.train.seed)
         self.heads = ProbeHeads(list(self.taps.dims.values()), len(self.data.train.classes),
                                 self.p.batch_norm).to(env.device)
@@ -70,7 +79,6 @@ class Prober:
         self.progress = ProbeProgress(loss=[0.0] * len(self.p.layers), source={
             "pretrain_step": step, "arch": cfg.model.arch, **{k: getattr(self.p, k) for k in FIXED}})
         self.owners = {"heads": self.heads, "optimizer": self.opt, "progress": self.progress}
-        self.ckpt_root = run_dir / "probes" / "checkpoints"
         self.autocast = env.device.type == "cuda" and cfg.train.precision != "fp32"
         self.dtype = next(model.parameters()).dtype
         self._restore()
