@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n", type=int, default=50000, help="data set size (bank rows); 224 px uses n / 10")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--prefetch", type=int, default=2, help="data.prefetch for the trainer column")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +130,11 @@ def main() -> None:
                 batch_ = next(stream)
             return trainer.step(batch_)
 
+        def train_steps(prefetch: int) -> float:
+            nonlocal stream
+            data.prefetch, stream = prefetch, iter(())
+            return measure(train_step, args.steps, cuda)
+
         fixed = next(iter(data.batches(0, 1))).images
 
         def model_step():
@@ -139,13 +145,15 @@ def main() -> None:
 
         one = next(iter(data.batches(0, 2)))
         t_model = measure(model_step, args.steps, cuda)
-        t_train = measure(train_step, args.steps, cuda)
+        t_serial = train_steps(0)                                            # batches built in the step
+        t_train = train_steps(args.prefetch)
         t_fixed = measure(lambda: trainer.step(one), args.steps, cuda)      # the step without the data
-        t_data = measure(lambda: next(iter(data.batches(0, 3))), args.steps, cuda)
+        t_data = measure(lambda: next(data._build(0, 3, 0)), args.steps, cuda)
         syncs, where = syncs_per_step(train_step) if cuda else (float("nan"), "")
         print(f"{arch:<15} {size:>4} {batch:>6} {batch / t_train:>14.0f} {batch / t_model:>12.0f} "
               f"{t_model / t_train:>13.3f} {syncs:>10.1f}", flush=True)
-        print(f"    step on a fixed batch {batch / t_fixed:.0f} img/s, data alone {batch / t_data:.0f} img/s"
+        print(f"    prefetch {args.prefetch} against 0: {t_serial / t_train:.2f}x ({batch / t_serial:.0f} img/s "
+              f"without); step on a fixed batch {batch / t_fixed:.0f} img/s, data alone {batch / t_data:.0f} img/s"
               + (f"; syncs at {where}" if where else ""), flush=True)
     print("trainer: Trainer.step on CachedData batches (augmentation, forward, AND loss, backward, SGD, bank "
           "update); model: forward + backward + SGD on one fixed augmented batch, same precision and layout.")

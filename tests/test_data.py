@@ -274,3 +274,54 @@ def test_masked_colour_jitter_equals_the_indexed_one():
     order = torch.rand(16, 4, generator=g).argsort(1)
     f = factors.view(16, 4, 1, 1, 1)
     assert torch.allclose(jitter_masked(x.clone(), f, order), jitter_indexed(x.clone(), f, order), atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------- prefetch
+
+def _cached(prefetch: int, n: int = 96, batch: int = 16):
+    from and_dist.config import Config
+    from and_dist.dist import Env
+    from and_dist.data.cached import CachedData
+    cfg = Config()
+    cfg.data.prefetch, cfg.train.batch_size = prefetch, batch
+    tr, te = make_demo(n, 16, seed=3)
+    return CachedData(tr, te, cfg, Env())
+
+
+def test_prefetched_batches_equal_the_ones_built_in_the_step():
+    serial = list(_cached(0).batches(1, 2, start=1))
+    ahead = list(_cached(3).batches(1, 2, start=1))
+    assert len(serial) == len(ahead) == 96 // 16 - 1
+    for a, b in zip(serial, ahead):
+        assert torch.equal(a.images, b.images) and torch.equal(a.index, b.index)
+        assert a.sizes == b.sizes and torch.equal(a.labels, b.labels)
+
+
+def test_prefetch_stops_its_worker_when_the_consumer_leaves_early():
+    import threading
+    from and_dist.data.prefetch import prefetch
+    made = []
+
+    def batches():
+        for i in range(1000):
+            made.append(i)
+            yield i
+
+    it = prefetch(batches(), 2, torch.device("cpu"))
+    assert [next(it), next(it)] == [0, 1]
+    it.close()                                       # what a stop signal's early return does
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+    assert len(made) <= 5                            # at most `depth` built past what was taken
+
+
+def test_prefetch_reraises_the_workers_error_in_the_step():
+    from and_dist.data.prefetch import prefetch
+
+    def batches():
+        yield 0
+        raise OSError("disk gone")
+
+    it = prefetch(batches(), 2, torch.device("cpu"))
+    assert next(it) == 0
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)

@@ -183,8 +183,9 @@ def _free_port() -> int:
 
 
 def test_two_ranks_train_the_same_probes_as_one(pretrained, tmp_path):
-    """Without BN the heads' global-batch gradient does not depend on the split across ranks."""
-    args = ["probe.epochs=1", "probe.batch_size=60", "probe.batch_norm=false", "probe.layers=[conv2,conv5]",
+    """The heads' BN statistics and gradient span the global batch: the split across ranks does
+    not change them."""
+    args = ["probe.epochs=1", "probe.batch_size=60", "probe.batch_norm=true", "probe.layers=[conv2,conv5]",
             "train.threads=1", "log.progress=false"]
     one = copy_run(pretrained, tmp_path, "one")
     assert probe("--checkpoint", str(one), *args).returncode == 0

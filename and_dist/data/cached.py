@@ -22,6 +22,7 @@ from .. import files
 from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
 from .base import Batch, SplitInfo
 from .folder import list_split
+from .prefetch import prefetch
 from .sampler import augment_generator, global_batches, rank_slice
 
 
@@ -129,6 +130,7 @@ class CachedData:
                 self.images, self.test_images = train.images.to(env.device), test.images.to(env.device)
         self.train, self.test = train.info(), test.info()
         self.env, self.batch_size, self.seed, self.eval_batch = env, t.batch_size, t.seed, eval_batch
+        self.prefetch = d.prefetch
         mean, std = channel_stats(train.images)
         self.augment = TrainAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip, mean, std)
         self.test_transform = TestTransform(d.image_size, mean, std)
@@ -140,6 +142,9 @@ class CachedData:
         return len(self._order(round_, epoch))
 
     def batches(self, round_: int, epoch: int, start: int = 0) -> Iterator[Batch]:
+        return prefetch(self._build(round_, epoch, start), self.prefetch, self.env.device)
+
+    def _build(self, round_: int, epoch: int, start: int) -> Iterator[Batch]:
         env = self.env
         order = self._order(round_, epoch)
         for step in range(start, len(order)):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import dist
 from ..errors import UserError
+from ..models.global_bn import GlobalBatchNorm
 
 TARGET_DIM = 9216
 ALEXNET_POOLS = {  # layer -> (side at 224 px, kernel, stride, padding)
@@ -162,14 +163,15 @@ def lr_at(p, epoch: int) -> float:
 
 class ProbeHeads(nn.Module):
     """One head per tapped layer: BatchNorm without affine (optional), then a linear classifier.
-    The heads share nothing, so summing their losses trains each on its own gradient."""
+    The heads share nothing, so summing their losses trains each on its own gradient. The BN's
+    statistics span the global batch, so W ranks train the heads one process would."""
 
     def __init__(self, dims: list[int], classes: int, batch_norm: bool = True):
         super().__init__()
 
         def head(d: int) -> nn.Module:
             linear = nn.Linear(d, classes)
-            return nn.Sequential(nn.BatchNorm1d(d, affine=False), linear) if batch_norm else linear
+            return nn.Sequential(GlobalBatchNorm(d, affine=False), linear) if batch_norm else linear
 
         self.heads = nn.ModuleList(head(d) for d in dims)
 

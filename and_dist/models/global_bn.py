@@ -30,7 +30,8 @@ class _GlobalBatchNorm(torch.autograd.Function):
         ctx.dims, ctx.shape = dims, shape
         running_var = var * n / (n - 1).clamp_min(1)          # unbiased, as BatchNorm tracks it
         ctx.mark_non_differentiable(mean, running_var)
-        return xhat * weight.view(shape) + bias.view(shape), mean, running_var
+        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
+        return y, mean, running_var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -40,7 +41,10 @@ class _GlobalBatchNorm(torch.autograd.Function):
         c = len(dbias)
         total = dist.all_reduce(torch.cat([dbias, dweight]), "sum")
         mean_dy, mean_dy_xhat = (total[:c] / n).view(shape), (total[c:] / n).view(shape)
-        dx = (weight * invstd).view(shape) * (dy - mean_dy - xhat * mean_dy_xhat)
+        scale = invstd if weight is None else weight * invstd
+        dx = scale.view(shape) * (dy - mean_dy - xhat * mean_dy_xhat)
+        if weight is None:                                     # affine=False: no parameters
+            return dx, None, None, None
         return dx, dweight, dbias, None
 
 
