@@ -86,11 +86,24 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     owners = {"config": RunConfig(to_dict(cfg)), "model": model, "optimizer": opt, "bank": bank,
               "curriculum": curriculum, "progress": progress, "rng": RNG(), "log": log}
     if ckpt is not None:
-        checkpoint.load(ckpt, owners)
+        checkpoint.load(ckpt, {k: v for k, v in owners.items() if k != "log"})
+        log.load_state_dict(_log_state(cfg, run, ckpt, progress))
     _banner(log, cfg, env, run, data, ckpt, progress)
     log.start_wandb()
     report = Report(run, log, env.is_main)
     return Trainer(cfg, env, run, data, model, ddp, opt, bank, curriculum, progress, owners, log, report, stop)
+
+
+def _log_state(cfg, run: Path, ckpt: Path, p: Progress) -> dict:
+    """The metrics lines to keep on resume: the training checkpoint's, or, once training is done
+    and `after_train` probes of these weights were checkpointed, the later probe checkpoint's."""
+    state = checkpoint.read_state(ckpt)["log"]
+    probe = checkpoint.find_latest(run / "probes" / "checkpoints") if cfg.probe.after_train else None
+    if probe is not None and p.round >= cfg.curriculum.rounds:
+        later = checkpoint.read_state(probe)
+        if later["progress"]["source"].get("pretrain_step") == p.global_step and "log" in later:
+            return later["log"]
+    return state
 
 
 def _banner(log, cfg, env, run, data, ckpt, p) -> None:

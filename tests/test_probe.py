@@ -176,6 +176,29 @@ def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pre
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+def test_after_train_probes_stopped_and_resumed_keep_every_probe_line(pretrained, tmp_path):
+    """A resumed run restores the metrics file to its latest checkpoint, the probes' one once the
+    probes have started: the probe epochs logged before the stop stay, none is logged twice."""
+    run = copy_run(pretrained, tmp_path, "run")
+    cmd = [sys.executable, "-m", "and_dist.train", "--config", "demo", f"run_dir={run}", "resume=auto",
+           "data.demo_train=300", "data.demo_test=100", "data.image_size=64", "model.arch=alexnet_bn",
+           "curriculum.rounds=1", "train.epochs_per_round=1", "train.batch_size=60", "eval.knn_k=10",
+           "probe.after_train=true", *PROBE]
+    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    latest, deadline = run / "probes" / "checkpoints" / "latest", time.time() + 120
+    while not (latest.exists() and latest.read_text().strip() == "e1"):   # probe epoch 0 scored
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert [e["epoch"] for e in probe_events(run)][:1] == [0]
+    again = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=300, env=ENV)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [e["epoch"] for e in probe_events(run)] == [0, 1, 2]
+    assert json.loads((run / "probes.json").read_text())["finished"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

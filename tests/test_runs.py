@@ -1,6 +1,5 @@
 """Runs that are safe to start, stop and read: run directories, the lock, exit statuses, one-line
 runtime input errors, strict JSON and log-file output, and the instance-discrimination baseline."""
-import io
 import json
 import os
 import signal

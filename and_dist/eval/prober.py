@@ -78,7 +78,7 @@ class Prober:
                                    weight_decay=self.p.weight_decay)
         self.progress = ProbeProgress(loss=[0.0] * len(self.p.layers), source={
             "pretrain_step": step, "arch": cfg.model.arch, **{k: getattr(self.p, k) for k in FIXED}})
-        self.owners = {"heads": self.heads, "optimizer": self.opt, "progress": self.progress}
+        self.owners = {"heads": self.heads, "optimizer": self.opt, "progress": self.progress, "log": log}
         self.autocast = env.device.type == "cuda" and cfg.train.precision != "fp32"
         self.dtype = next(model.parameters()).dtype
         self._restore()
@@ -95,7 +95,8 @@ class Prober:
                 raise UserError(f"{ckpt} holds probes with {key}={have.get(key)!r}, this run asks for "
                                 f"{value!r}; use the same setting or remove {self.dir / 'probes'} to probe again")
         for key, owner in self.owners.items():
-            owner.load_state_dict(state[key])
+            if key in state:                                  # "log" is missing in older ones
+                owner.load_state_dict(state[key])
         p = self.progress
         self.log.info(f"probes: resuming {ckpt} at epoch {p.epoch} step {p.step}")
 
