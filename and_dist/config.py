@@ -46,6 +46,7 @@ class DataConfig:
     grayscale_p: float = opt(0.2, check=PROBABILITY)
     workers: int = opt(2, check=NON_NEGATIVE)  # decode threads
     prefetch: int = opt(2, check=NON_NEGATIVE)  # in-memory data: batches built ahead on a worker thread; 0 = in the step
+    compile_augment: bool = True  # CUDA: colour jitter as a few fused kernels (torch.compile), eager if that fails
     eval_resize: int = opt(0, check=NON_NEGATIVE)  # streamed eval: shorter side before the centre crop; 0 = image_size*256/224
     demo_train: int = opt(5000, check=POSITIVE)
     demo_test: int = opt(1000, check=POSITIVE)

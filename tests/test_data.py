@@ -325,3 +325,45 @@ def test_prefetch_reraises_the_workers_error_in_the_step():
     assert next(it) == 0
     with pytest.raises(OSError, match="disk gone"):
         next(it)
+
+
+def _jitter_inputs(n: int = 16, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    factors = torch.empty(n, 4).uniform_(0.6, 1.4, generator=g)
+    factors[:, 3] = torch.empty(n).uniform_(-0.4, 0.4, generator=g)
+    return x, factors.view(n, 4, 1, 1, 1), torch.rand(n, 4, generator=g).argsort(1)
+
+
+def test_compiled_jitter_is_one_graph_equal_to_eager_from_a_worker_thread():
+    """What CUDA runs (the masked jitter through torch.compile) captured whole, with the eager
+    result, when called where the prefetcher calls it: on another thread."""
+    import threading
+    from and_dist.data.augment import Compiled, jitter_masked
+    x, f, order = _jitter_inputs()
+    fused = Compiled(jitter_masked)
+    fused.compiled = torch.compile(jitter_masked, dynamic=False, fullgraph=True)   # a graph break fails
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(out=fused(x.clone(), f, order)))
+    worker.start()
+    worker.join()
+    assert not fused.failed
+    assert torch.allclose(got["out"], jitter_masked(x.clone(), f, order), atol=1e-5)
+
+
+def test_a_jitter_that_cannot_compile_runs_eagerly_and_says_so_once(monkeypatch):
+    from and_dist.data.augment import Compiled, jitter_masked
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x, f, order = _jitter_inputs()
+    fused = Compiled(jitter_masked)
+    with pytest.warns(UserWarning, match="no compiler here"):
+        out = fused(x.clone(), f, order)
+    assert fused.failed and torch.equal(out, jitter_masked(x.clone(), f, order))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # not said twice
+        fused(x.clone(), f, order)

@@ -132,7 +132,8 @@ class CachedData:
         self.env, self.batch_size, self.seed, self.eval_batch = env, t.batch_size, t.seed, eval_batch
         self.prefetch = d.prefetch
         mean, std = channel_stats(train.images)
-        self.augment = TrainAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip, mean, std)
+        self.augment = TrainAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip, mean, std,
+                                    compiled=d.compile_augment)
         self.test_transform = TestTransform(d.image_size, mean, std)
 
     def _order(self, round_: int, epoch: int) -> list[torch.Tensor]:

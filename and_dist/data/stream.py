@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from .augment import _CROP_TRIES, _normalize, _to_float, grayscale, jitter_indexed, jitter_masked, to_device
+from .augment import _CROP_TRIES, _normalize, _to_float, grayscale, pick_jitter, to_device
 from .base import Batch
 from .index import FileIndex
 from .sampler import augment_generator, global_batches, rank_slice
@@ -44,10 +44,10 @@ class StreamAugment:
     distribution of augment.TrainAugment (torchvision's), for images of different sizes."""
 
     def __init__(self, size: int, crop_scale=(0.2, 1.0), jitter: float = 0.4, grayscale_p: float = 0.2,
-                 flip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, ratio=(3 / 4, 4 / 3)):
+                 flip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, ratio=(3 / 4, 4 / 3), compiled: bool = True):
         self.size, self.crop_scale, self.ratio = size, tuple(crop_scale), tuple(ratio)
         self.jitter, self.grayscale_p, self.flip = float(jitter), float(grayscale_p), flip
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.compiled = tuple(mean), tuple(std), compiled
 
     def draw(self, hw: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Crop boxes (total, 4) and colour draws of `total` images of sizes `hw` (total, 2)."""
@@ -88,8 +88,7 @@ class StreamAugment:
         x = _to_float(images)
         if self.jitter > 0:
             factors = to_device(p["factors"].float(), dev).view(b, 4, 1, 1, 1)
-            jitter = jitter_masked if dev.type == "cuda" else jitter_indexed
-            x = jitter(x, factors, p["order"])
+            x = pick_jitter(dev, self.compiled)(x, factors, p["order"])
         if p["gray"].any():                        # the draws live on the CPU: no device sync
             x = torch.where(to_device(p["gray"], dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
         if p["flip"].any():
@@ -113,7 +112,8 @@ class StreamData:
         self.train, self.test = train.info(), test.info()
         self.env, self.batch_size, self.seed, self.eval_batch = env, t.batch_size, t.seed, eval_batch
         self.size, self.resize, self.workers = d.image_size, eval_resize(cfg), d.workers
-        self.augment = StreamAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip)
+        self.augment = StreamAugment(d.image_size, tuple(d.crop_scale), d.jitter, d.grayscale_p, d.flip,
+                                     compiled=d.compile_augment)
         self.hw = torch.from_numpy(train.sizes)
         self._orders: dict = {}
 
