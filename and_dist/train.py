@@ -65,6 +65,9 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
                  cfg.log.wandb_entity, to_dict(cfg), cfg.name)
     data = build_data(cfg, env, None,
                       log.info, log.tty)
+    if data.steps(0, 0) == 0:
+        raise UserError(f"{len(data.train)} train images cannot fill one step: each of the {env.world} ranks "
+                        f"needs at least one image of every batch (train.batch_size={t.batch_size})")
     dtype = getattr(torch, t.dtype)
     model = build_model(cfg.model.arch, cfg.model.low_dim, cfg.data.image_size)
     if cfg.model.sync_bn and env.world > 1:
@@ -110,7 +113,7 @@ def _banner(log, cfg, env, run, data, ckpt, p) -> None:
     skipped = len(data.train.skipped) + len(data.test.skipped)
     if env.is_main and skipped:
         lines = [f"{path}\t{reason}" for path, reason in data.train.skipped + data.test.skipped]
-        (run / "skipped.txt").write_text("\n".join(lines) + "\n")
+        (run / "skipped.txt").write_text("\n".join(lines) + "\n", errors="surrogateescape")
     where = f"resuming {ckpt} at round {p.round} epoch {p.epoch} step {p.step}" if ckpt else "fresh run"
     log.info(f"run directory {run}\n"
              f"  config {cfg.name}; {where}\n"

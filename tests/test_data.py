@@ -95,11 +95,46 @@ def test_imagefolder_cache_hit_identical(folder, tmp_path, monkeypatch):
     tr2, te2 = load_datasets("imagefolder", str(root), 8, str(cache), log=messages.append)
     assert torch.equal(tr.images, tr2.images) and torch.equal(tr.labels, tr2.labels)
     assert torch.equal(te.images, te2.images) and torch.equal(te.labels, te2.labels)
-    assert tr2.skipped == tr.skipped and len(messages) == 2 and calls == []
+    assert tr2.skipped == tr.skipped and calls == []
+    assert len([m for m in messages if m.startswith("skipping")]) == 2 and len(messages) == 3
+    assert "1 file(s) left out for their extension" in messages[0]          # notes.txt
     # a changed file must invalidate the cache of its split only
     _save(str(root / "train/dog/b.png"), np.zeros((8, 9, 3), np.uint8))
     tr3, _ = load_datasets("imagefolder", str(root), 8, str(cache), log=lambda m: None)
     assert len(calls) == 6 and tr3.images[2].sum() == 0
+
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    from and_dist.data.folder import to_rgb
+    grey = (np.arange(256, dtype=np.uint16).reshape(16, 16)) * 257       # 16-bit, 0..65535
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as img:
+        assert img.mode.startswith("I")
+        assert np.asarray(img.convert("RGB")).mean() > 250                # what Pillow alone gives
+        rgb = np.asarray(to_rgb(img))
+    assert rgb.shape == (16, 16, 3) and np.array_equal(rgb[..., 0], grey // 257)
+    ramp = Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8))
+    assert np.asarray(to_rgb(ramp))[..., 1].max() == 255 and np.asarray(to_rgb(ramp)).min() == 0
+
+
+def test_imagefolder_walks_sub_folders_and_survives_odd_names_and_dangling_links(tmp_path):
+    rng = np.random.RandomState(1)
+    root = tmp_path / "odd"
+    for rel in ["train/a/1.png", "train/a/deeper/2.png", "train/b/3.JFIF", "test/a/t.png", "test/b/u.png",
+                "test/c/v.png"]:
+        _save(str(root / rel), rng.randint(0, 256, (8, 8, 3), dtype=np.uint8), "PNG" if "JFIF" not in rel else "JPEG")
+    (root / "train" / "c").mkdir()                                       # a class without train images
+    os.symlink("/nonexistent/x.png", root / "train" / "a" / "gone.png")
+    os.symlink(root / "train" / "a", root / "train" / "a" / "deeper" / "loop")   # a link cycle
+    latin1 = os.path.join(os.fsencode(root / "train" / "b"), b"caf\xe9.png")   # not UTF-8
+    Image.fromarray(rng.randint(0, 256, (8, 8, 3), dtype=np.uint8)).save(latin1, format="PNG")
+    messages = []
+    tr, te = load_datasets("imagefolder", str(root), 8, str(tmp_path / "cache"), workers=2, log=messages.append)
+    names = sorted(os.path.basename(p) for p, _ in tr.skipped)
+    assert names == ["gone.png"] and "No such file" in tr.skipped[0][1]
+    assert tr.labels.tolist() == [0, 0, 1, 1] and len(te) == 3          # a/1, a/deeper/2, b/3.JFIF, b/caf?
+    assert any("without images: 'c'" in m for m in messages)
 
 
 # ---------------------------------------------------------------------------- official formats

@@ -143,6 +143,7 @@ def test_runtime_input_errors_are_one_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     one_line_error(train(*_folder(afile, runs)), "is a file")
+    one_line_error(train(*_folder(_tree(tmp_path / "ok"), runs, f"data.cache_dir={afile}")), "data.cache_dir")
     one_line_error(train(*TINY, "data.source=cifar10", f"data.root={tmp_path / 'dl'}", "data.download=true", runs),
                    "cannot fetch")
     # a probe layer that the model lacks fails before pretraining, not after it

@@ -116,6 +116,26 @@ def test_index_leaves_out_unreadable_files_once_and_decodes_the_odd_ones(tree, t
         extra.unlink()
 
 
+
+def test_a_file_rewritten_in_place_is_noticed_though_its_folder_is_unchanged(tree, tmp_path):
+    classes, lines = list(CLASSES), []
+    first = load_index(str(tree), "train", classes, str(tmp_path), 2, lines.append, False)
+    victim = Path(first.path(0))
+    folder, before, old = victim.parent, victim.read_bytes(), victim.stat()
+    folder_times = (folder.stat().st_atime_ns, folder.stat().st_mtime_ns)
+    try:
+        victim.write_bytes(before[: len(before) // 2])                 # truncated in place
+        os.utime(folder, ns=folder_times)                              # the cheap key cannot see it
+        lines.clear()
+        again = load_index(str(tree), "train", classes, str(tmp_path), 2, lines.append, False)
+        assert any("1 files changed since" in line for line in lines), lines
+        assert str(victim) in [p for p, _ in again.skipped] and len(again) == len(first) - 1
+    finally:
+        victim.write_bytes(before)
+        os.utime(victim, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.utime(folder, ns=folder_times)
+
+
 # ------------------------------------------------------------------------- the loaders, in process
 
 def _config(root: Path, loader: str, *extra: str):

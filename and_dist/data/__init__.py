@@ -71,9 +71,11 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
     return sets
 
 
-def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = True) -> TrainData:
+def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = True,
+                  verify: bool = True) -> TrainData:
     """The streaming data interface (data.loader dali or torch) over an ImageFolder tree: the
-    checked file lists of train and test (index.py, cached), decoded per step."""
+    checked file lists of train and test (index.py, cached), decoded per step. `verify`: stat
+    every file against the cached list (rank 0 does; the others read what it just checked)."""
     d = cfg.data
     if d.source != "imagefolder":
         raise UserError(f"data.loader={d.loader} streams an ImageFolder tree (data.source=imagefolder); "
@@ -88,7 +90,7 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
         from .pil_stream import TorchData as Loader
     from .index import load_index
     classes = class_folders(os.path.join(d.root, "train"))
-    train, test = (load_index(d.root, split, classes, cache_dir, d.workers, log, progress)
+    train, test = (load_index(d.root, split, classes, cache_dir, d.workers, log, progress, verify)
                    for split in ("train", test_split(d.root)))
     for split, index in (("train", train), ("test", test)):
         if len(index) == 0:
@@ -117,11 +119,13 @@ def build_data(cfg, env, cache_dir: str | None, log, progress: bool) -> TrainDat
     """The data interface for `cfg`: in-memory sets (data.loader=cached) or a streaming loader.
     cache_dir None: data.cache_dir, else <out_dir>/.cache (shared by the runs of every name)."""
     cache_dir = cache_dir or cfg.data.cache_dir or str(Path(cfg.out_dir).expanduser() / ".cache")
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise UserError(f"data.cache_dir {cache_dir} is a file; name a folder (or leave it empty)")
     quiet = lambda *_: None  # noqa: E731 - the other ranks repeat rank 0's work silently
     d = cfg.data
     if d.loader != "cached":
         return _main_first(env, lambda main: load_streamed(cfg, env, cache_dir, log if main else quiet,
-                                                           progress and main))
+                                                           progress and main, verify=main))
     kwargs = dict(source=d.source, root=d.root, image_size=d.image_size, cache_dir=cache_dir,
                   download=d.download, workers=d.workers, demo_train=d.demo_train,
                   demo_test=d.demo_test, demo_seed=d.demo_seed)

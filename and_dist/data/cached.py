@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .. import files
 from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
 from .base import Batch, SplitInfo
-from .folder import list_split
+from .folder import list_split, to_rgb
 from .prefetch import prefetch
 from .sampler import augment_generator, global_batches, rank_slice
 
@@ -45,17 +45,21 @@ class ImageSet:
 
 def _cache_key(root: str, split: str, image_size: int, paths: list[str]) -> str:
     """Hash of everything that changes the decoded arrays: root, split, size and each file's size+mtime."""
-    h = hashlib.sha256(f"{os.path.abspath(root)}|{split}|{image_size}".encode())
+    h = hashlib.sha256(f"{os.path.abspath(root)}|{split}|{image_size}".encode("utf-8", "surrogateescape"))
     for p in paths:
-        st = os.stat(p)
-        h.update(f"|{p[len(root):]}:{st.st_size}:{st.st_mtime_ns}".encode())
+        try:
+            st = os.stat(p)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:                         # a dangling link: decoding reports and skips it
+            stamp = "missing"
+        h.update(f"|{p[len(root):]}:{stamp}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:20]
 
 
 def _decode(path: str, size: int) -> np.ndarray:
     with Image.open(path) as img:
         img.load()                              # force full decode so truncated files fail here
-        x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))
+        x = torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8))
     x = resize_center_crop(x.permute(2, 0, 1)[None].float(), size)[0]
     return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
@@ -71,7 +75,7 @@ def _read_cache(cache_path: str, classes: list[str], log) -> ImageSet | None:
 
 def load_imagefolder(root: str, split: str, classes: list[str], image_size: int, cache_dir: str | None,
                      workers: int, log, progress: bool = True) -> ImageSet:
-    paths, labels = list_split(root, split, classes)
+    paths, labels = list_split(root, split, classes, log)
     cache_path = None
     if cache_dir:
         key = _cache_key(root, split, image_size, paths)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .folder import to_rgb
 from .index import FileIndex
 from .stream import StepPlan, StreamData
 
@@ -35,7 +36,7 @@ def encoded(index: FileIndex, i: int) -> np.ndarray:
         return np.fromfile(index.path(i), dtype=np.uint8)
     buf = io.BytesIO()
     with Image.open(index.path(i)) as img:
-        img.convert("RGB").save(buf, "PNG")
+        to_rgb(img).save(buf, "PNG")
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 

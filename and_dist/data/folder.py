@@ -5,10 +5,26 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+from PIL import Image
+
 from ..errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TEST_SPLITS = ("test", "val")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own convert clips 16-bit and 32-bit grey to 255 (a white picture) and
+    float to 0-255; here they are scaled first: 16-bit / 257 (as DALI does), float in [0, 1] x 255."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            a = a * 255 if a.size and a.max() <= 1 else a
+        elif img.mode != "I" or (a.size and a.max() > 255):
+            a = a / 257
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def test_split(root: str) -> str:
@@ -31,8 +47,29 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_split(root: str, split: str, classes: list[str]) -> tuple[list[str], list[int]]:
-    """Image paths (sorted classes, then sorted names) and their label ids; checks the layout."""
+def _files_under(cdir: str) -> tuple[list[str], int]:
+    """Image paths under a class folder, sub-folders included (as torchvision's ImageFolder),
+    sorted; and how many other non-hidden files were passed over. Hidden entries and link cycles
+    are skipped."""
+    images, others, seen = [], 0, set()
+    for top, dirs, names in os.walk(cdir, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if _is_image(name):
+                images.append(os.path.join(top, name))
+            elif not name.startswith("."):
+                others += 1
+    return sorted(images), others
+
+
+def list_split(root: str, split: str, classes: list[str], log=None) -> tuple[list[str], list[int]]:
+    """Image paths (sorted classes, then sorted paths) and their label ids; checks the layout,
+    and tells `log` of classes without images and of files passed over for their extension."""
     split_dir = os.path.join(root, split)
     found = class_folders(split_dir)
     if not found:
@@ -41,16 +78,23 @@ def list_split(root: str, split: str, classes: list[str]) -> tuple[list[str], li
         raise UserError(f"{split_dir} has {what}: an ImageFolder split needs one sub-folder per class")
     if split != "train" and set(found) != set(classes):
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-        detail = "; ".join(s for s in (f"not in train: {', '.join(extra[:5])}" if extra else "",
-                                       f"missing: {', '.join(missing[:5])}" if missing else "") if s)
+        detail = "; ".join(s for s in (f"not in train: {', '.join(map(repr, extra[:5]))}" if extra else "",
+                                       f"missing: {', '.join(map(repr, missing[:5]))}" if missing else "") if s)
         raise UserError(f"{split_dir}: its class folders differ from train's ({detail})")
-    paths, labels = [], []
+    paths, labels, empty, others = [], [], [], 0
     for label, cls in enumerate(classes):
-        cdir = os.path.join(split_dir, cls)
-        for name in sorted(os.listdir(cdir)):
-            if _is_image(name):
-                paths.append(os.path.join(cdir, name))
-                labels.append(label)
+        images, passed = _files_under(os.path.join(split_dir, cls))
+        paths += images
+        labels += [label] * len(images)
+        others += passed
+        if not images:
+            empty.append(cls)
     if not paths:
         raise UserError(f"{split_dir} holds no images (extensions {' '.join(IMAGE_EXTENSIONS)})")
+    if log is not None and empty:
+        log(f"warning: {split_dir}: {len(empty)} class folder(s) without images: "
+            f"{', '.join(map(repr, empty[:5]))}{' ...' if len(empty) > 5 else ''}")
+    if log is not None and others:
+        log(f"warning: {split_dir}: {others} file(s) left out for their extension "
+            f"(images are {' '.join(IMAGE_EXTENSIONS)})")
     return paths, labels

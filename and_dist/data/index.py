@@ -6,7 +6,9 @@ mid-epoch. So every file is opened once (in parallel, PIL at reduced JPEG scale,
 reads every byte), the unreadable ones are left out with their reason, and the result (relative
 names, labels, image sizes, formats) is cached under a key that notices a changed tree cheaply:
 the root, and the mtimes of the split folder and of each class folder (adding, removing or
-renaming a file changes its folder's mtime; rewriting a file in place does not).
+renaming a file changes its folder's mtime). A file rewritten in place changes neither, so a
+cached list is also checked against every file's size and mtime (one stat per file, in threads)
+and built again when any differs: a decoder then never meets a file the list did not check.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .. import files
 from .base import SplitInfo
 from .folder import list_split
 
-VERSION = 1  # bump when the cached fields change
+VERSION = 2  # bump when the cached fields change
 
 
 @dataclass
@@ -37,6 +39,7 @@ class FileIndex:
     sizes: np.ndarray                   # int64 (N, 2)
     format_id: np.ndarray               # uint8 (N,)
     formats: list[str]
+    stamps: np.ndarray                  # int64 (N, 2): each file's (size, mtime_ns) when checked
     classes: list[str]
     skipped: list[tuple[str, str]]      # (path, reason) of the files left out
 
@@ -55,11 +58,27 @@ class FileIndex:
 
 def tree_key(split_dir: str, classes: list[str]) -> str:
     """Hash of the root, the class list and the folder mtimes: cheap (one stat per class)."""
-    h = hashlib.sha256(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}".encode())
+    h = hashlib.sha256(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}".encode(
+        "utf-8", "surrogateescape"))
     for cls in classes:
         cdir = os.path.join(split_dir, cls)
-        h.update(f"|{cls}:{os.stat(cdir).st_mtime_ns if os.path.isdir(cdir) else -1}".encode())
+        h.update(f"|{cls}:{os.stat(cdir).st_mtime_ns if os.path.isdir(cdir) else -1}".encode(
+            "utf-8", "surrogateescape"))
     return h.hexdigest()[:20]
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def stamps(paths: list[str], workers: int) -> np.ndarray:
+    """(size, mtime_ns) of each file, (-1, -1) if it is gone: int64 (N, 2)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return np.asarray(list(pool.map(_stamp, paths, chunksize=256)), dtype=np.int64).reshape(-1, 2)
 
 
 def check_image(path: str) -> tuple[int, int, str, str | None]:
@@ -77,27 +96,28 @@ def check_image(path: str) -> tuple[int, int, str, str | None]:
         return 0, 0, "", f"{type(e).__name__}: {e}"
 
 
-def _build(root: str, split: str, classes: list[str], workers: int, progress: bool) -> FileIndex:
+def _build(root: str, split: str, classes: list[str], workers: int, progress: bool, log=None) -> FileIndex:
     split_dir = os.path.join(root, split)
-    paths, labels = list_split(root, split, classes)
+    paths, labels = list_split(root, split, classes, log)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checks = list(tqdm(pool.map(check_image, paths, chunksize=64), total=len(paths), unit="img",
                            desc=f"check {split}", leave=False, disable=not progress))
     keep = [i for i, c in enumerate(checks) if c[3] is None]
     formats = sorted({checks[i][2] for i in keep})
+    stamped = stamps([paths[i] for i in keep], workers)
     return FileIndex(
         split_dir=split_dir,
         names=[os.path.relpath(paths[i], split_dir) for i in keep],
         labels=np.asarray([labels[i] for i in keep], dtype=np.int64),
         sizes=np.asarray([checks[i][:2] for i in keep], dtype=np.int64).reshape(-1, 2),
         format_id=np.asarray([formats.index(checks[i][2]) for i in keep], dtype=np.uint8),
-        formats=formats, classes=list(classes),
+        formats=formats, stamps=stamped, classes=list(classes),
         skipped=[(paths[i], c[3]) for i, c in enumerate(checks) if c[3] is not None])
 
 
 def _save(index: FileIndex, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    files.torch_save({"version": VERSION, "names": "\n".join(index.names),
+    files.torch_save({"version": VERSION, "names": "\0".join(index.names), "stamps": torch.from_numpy(index.stamps),
                       "labels": torch.from_numpy(index.labels), "sizes": torch.from_numpy(index.sizes),
                       "format_id": torch.from_numpy(index.format_id), "formats": index.formats,
                       "classes": index.classes, "skipped": [list(s) for s in index.skipped]}, path)
@@ -107,16 +127,16 @@ def _load(path: str, split_dir: str) -> FileIndex:
     z = torch.load(path, weights_only=True)
     if z["version"] != VERSION:
         raise ValueError(f"version {z['version']} != {VERSION}")
-    names = z["names"].split("\n") if z["names"] else []
+    names = z["names"].split("\0") if z["names"] else []          # NUL: the one byte no file name holds
     index = FileIndex(split_dir, names, z["labels"].numpy(), z["sizes"].numpy(), z["format_id"].numpy(),
-                      list(z["formats"]), list(z["classes"]), [tuple(s) for s in z["skipped"]])
-    if not (len(names) == len(index.labels) == len(index.sizes) == len(index.format_id)):
+                      list(z["formats"]), z["stamps"].numpy(), list(z["classes"]), [tuple(s) for s in z["skipped"]])
+    if not (len(names) == len(index.labels) == len(index.sizes) == len(index.format_id) == len(index.stamps)):
         raise ValueError("fields of different lengths")
     return index
 
 
 def load_index(root: str, split: str, classes: list[str], cache_dir: str | None, workers: int,
-               log=print, progress: bool = True) -> FileIndex:
+               log=print, progress: bool = True, verify: bool = True) -> FileIndex:
     """The split's checked file list: from the cache when the tree is unchanged, else built (and
     cached). Each unreadable file is logged once, when the list is built."""
     split_dir = os.path.join(root, split)
@@ -126,14 +146,19 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
         if os.path.exists(cache_path):
             try:
                 index = _load(cache_path, split_dir)
-                if index.classes == list(classes):
+                changed = 0
+                if verify:
+                    now = stamps([index.path(i) for i in range(len(index))], workers)
+                    changed = int((now != index.stamps).any(1).sum())
+                if index.classes == list(classes) and not changed:
                     return index
-                log(f"file list cache {cache_path} names other classes; listing {split_dir} again")
+                why = f"{changed} files changed since" if changed else "other classes in"
+                log(f"file list cache {cache_path}: {why} it; listing and checking {split_dir} again")
             except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
                 log(f"file list cache {cache_path} is unreadable ({type(e).__name__}: {e}); "
                     f"listing and checking {split_dir} again")
     log(f"listing and checking the images of {split_dir} once ({workers} threads; the list is cached)")
-    index = _build(root, split, classes, workers, progress)
+    index = _build(root, split, classes, workers, progress, log)
     for path, reason in index.skipped:
         log(f"skipping unreadable image {path}: {reason}")
     if cache_path:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .folder import to_rgb
 from .index import FileIndex
 from .stream import StepPlan, StreamData
 
@@ -27,7 +28,7 @@ def load_crop(path: str, box: tuple[int, int, int, int], size: int) -> np.ndarra
         width, height = img.size
         img.draft("RGB", (-(-width * size // w), -(-height * size // h)))   # crop stays >= size px
         sx, sy = img.size[0] / width, img.size[1] / height
-        img = img.convert("RGB")
+        img = to_rgb(img)
         out = img.resize((size, size), Image.BILINEAR,
                          box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     return np.array(out, dtype=np.uint8)
@@ -40,7 +41,7 @@ def load_centre(path: str, resize: int, size: int) -> np.ndarray:
         scale = resize / min(width, height)
         nw, nh = max(resize, round(width * scale)), max(resize, round(height * scale))
         img.draft("RGB", (nw, nh))
-        img = img.convert("RGB").resize((nw, nh), Image.BILINEAR)
+        img = to_rgb(img).resize((nw, nh), Image.BILINEAR)
     top, left = (nh - size + 1) // 2, (nw - size + 1) // 2          # halves round up, as in DALI
     return np.array(img, dtype=np.uint8)[top:top + size, left:left + size]
 
