@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Batch, SplitInfo, TrainData
 from .cached import CachedData, ImageSet, load_imagefolder
-from .folder import class_folders, test_split
+from .folder import tree_classes
 from .official import REQUIRED as OFFICIAL_FILES, load_official
 
 SOURCES = ("demo", "imagefolder", "cifar10", "cifar100", "svhn")
@@ -57,9 +57,9 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
         from .demo import make_demo
         return make_demo(demo_train, demo_test, demo_seed, image_size)
     if source == "imagefolder":
-        classes = class_folders(os.path.join(root, "train"))
+        classes, test = tree_classes(root)
         sets = tuple(load_imagefolder(root, split, classes, image_size, cache_dir, workers, log, progress)
-                     for split in ("train", test_split(root)))
+                     for split in ("train", test))
     else:
         from .augment import resize_uint8
         sets = tuple(ImageSet(resize_uint8(s.images, image_size), s.labels, s.classes, [])
@@ -89,9 +89,9 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
     else:
         from .pil_stream import TorchData as Loader
     from .index import load_index
-    classes = class_folders(os.path.join(d.root, "train"))
+    classes, test = tree_classes(d.root)
     train, test = (load_index(d.root, split, classes, cache_dir, d.workers, log, progress, verify)
-                   for split in ("train", test_split(d.root)))
+                   for split in ("train", test))
     for split, index in (("train", train), ("test", test)):
         if len(index) == 0:
             raise UserError(f"data.root '{d.root}': every {split} image is unreadable "

@@ -43,6 +43,23 @@ def class_folders(split_dir: str) -> list[str]:
                   if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
 
 
+def _same_classes(split_dir: str, found: list[str], classes: list[str]) -> None:
+    if set(found) != set(classes):
+        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        detail = "; ".join(s for s in (f"not in train: {', '.join(map(repr, extra[:5]))}" if extra else "",
+                                       f"missing: {', '.join(map(repr, missing[:5]))}" if missing else "") if s)
+        raise UserError(f"{split_dir}: its class folders differ from train's ({detail})")
+
+
+def tree_classes(root: str) -> tuple[list[str], str]:
+    """(train's class folders, the evaluation split's name), checked to match before any file is
+    read: a mismatch found after decoding all of train would waste minutes."""
+    classes, split = class_folders(os.path.join(root, "train")), test_split(root)
+    if classes:
+        _same_classes(os.path.join(root, split), class_folders(os.path.join(root, split)), classes)
+    return classes, split
+
+
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -76,11 +93,8 @@ def list_split(root: str, split: str, classes: list[str], log=None) -> tuple[lis
         loose = [n for n in os.listdir(split_dir) if _is_image(n)]
         what = f"{len(loose)} images directly in it" if loose else "no class folders"
         raise UserError(f"{split_dir} has {what}: an ImageFolder split needs one sub-folder per class")
-    if split != "train" and set(found) != set(classes):
-        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-        detail = "; ".join(s for s in (f"not in train: {', '.join(map(repr, extra[:5]))}" if extra else "",
-                                       f"missing: {', '.join(map(repr, missing[:5]))}" if missing else "") if s)
-        raise UserError(f"{split_dir}: its class folders differ from train's ({detail})")
+    if split != "train":
+        _same_classes(split_dir, found, classes)
     paths, labels, empty, others = [], [], [], 0
     for label, cls in enumerate(classes):
         images, passed = _files_under(os.path.join(split_dir, cls))
