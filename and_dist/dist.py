@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .cluster import placement
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ def init(device: str = "auto") -> Env:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda", where.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
+        if where.local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {where.rank} is process {where.local_rank} of its node but the node shows "
+                            f"{torch.cuda.device_count()} GPU(s): start one process per GPU "
+                            "(or train.device=cpu)")
         torch.cuda.set_device(dev)
     if where.world > 1 and not dist.is_initialized():
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = where.master_addr, str(where.master_port)

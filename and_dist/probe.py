@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    env = dist.init(cfg.train.device)
+    try:
+        env = dist.init(cfg.train.device)
+    except UserError as e:                       # before any process group: each rank says it
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     locked = False
     try:

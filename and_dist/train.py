@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import checkpoint, dist, precision, rundir
 from .config import Config, config_or_exit, save_config, to_dict
 from .data import build_data
-from .errors import UserError, exit_status
+from .errors import EXIT_USER_ERROR, UserError, exit_status
 from .log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
@@ -124,7 +124,11 @@ def _banner(log, cfg, env, run, data, ckpt, p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
-    env = dist.init(cfg.train.device)
+    try:
+        env = dist.init(cfg.train.device)
+    except UserError as e:                       # before any process group: each rank says it
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     run = None
     try:
         run, ckpt = _choose_run_dir(cfg, env)

@@ -14,7 +14,7 @@ from PIL import Image
 from and_dist import plots
 
 REPO = Path(__file__).parent.parent
-ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
+ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)      # matplotlib's first two colours
 
 

@@ -19,7 +19,7 @@ from and_dist.eval.probes import Taps
 from and_dist.models import build_model
 
 REPO = Path(__file__).parent.parent
-ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
+ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
 CONVS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 PROBE = ["probe.epochs=3", "probe.batch_size=20", "train.threads=1", "log.progress=false",
          "log.wandb_mode=offline"]

@@ -15,7 +15,7 @@ from PIL import Image
 from and_dist import rundir
 
 REPO = Path(__file__).parent.parent
-ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
+ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
 TINY = ["--config", "demo", "data.demo_train=200", "data.demo_test=50", "curriculum.rounds=1",
         "train.epochs_per_round=1", "eval.knn_k=10", "train.threads=1"]
 

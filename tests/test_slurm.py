@@ -18,7 +18,7 @@ REPO = Path(__file__).parent.parent
 sys.path.append(str(REPO / "launch"))
 import partition  # noqa: E402  (launch/ is a folder of scripts, not a package)
 
-ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
        "OMP_NUM_THREADS": "1", "HOME": "/tmp", "WANDB_SILENT": "true"}
 # float64 + GroupNorm: any world size gives the same numbers (up to summation order) as 1 process
 TINY = ["data.demo_train=300", "data.demo_test=100", "curriculum.rounds=2", "train.epochs_per_round=2",

@@ -16,7 +16,7 @@ REPO = Path(__file__).parent.parent
 
 def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "and_dist.train", *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                          capture_output=True, timeout=timeout, env={"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin",
                                                                       "OMP_NUM_THREADS": "1", "HOME": "/tmp"})
 
 
