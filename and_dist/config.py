@@ -96,7 +96,7 @@ class TrainConfig:
     lr_decay_every: int = opt(40, check=AT_LEAST_ONE)
     lr_gamma: float = opt(0.1, check=FRACTION)
     seed: int = 0
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic kernels (CUDA: where torch has them, a warning where not)
     dtype: str = opt("float32", choices=("float32", "float64"))  # float64: bit-stable equivalence checks
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, check=NON_NEGATIVE)  # torch intra-op threads, 0 = torch default

@@ -27,16 +27,24 @@ class Env:
         return self.rank == 0
 
 
+def _cuda_device(where) -> torch.device:
+    """This process's GPU: the one it sees when bound to one GPU per task (srun --gpus-per-task,
+    or CUDA_VISIBLE_DEVICES per rank), else number LOCAL_RANK of the node's."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if where.local_rank >= count:
+        raise UserError(f"rank {where.rank} is process {where.local_rank} of its node but the node shows "
+                        f"{count} GPUs: start one process per GPU (or train.device=cpu)")
+    return torch.device("cuda", where.local_rank)
+
+
 def init(device: str = "auto") -> Env:
     """Join the job's process group (torchrun or SLURM placement, see cluster.py), or run alone."""
     where = placement()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", where.local_rank) if use_cuda else torch.device("cpu")
+    dev = _cuda_device(where) if use_cuda else torch.device("cpu")
     if use_cuda:
-        if where.local_rank >= torch.cuda.device_count():
-            raise UserError(f"rank {where.rank} is process {where.local_rank} of its node but the node shows "
-                            f"{torch.cuda.device_count()} GPU(s): start one process per GPU "
-                            "(or train.device=cpu)")
         torch.cuda.set_device(dev)
     if where.world > 1 and not dist.is_initialized():
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = where.master_addr, str(where.master_port)

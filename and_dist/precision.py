@@ -61,4 +61,6 @@ def wrap(net: nn.Module, device: torch.device, precision: str, channels_last: bo
          compile_model: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The trainer's forward for `net` (the model or its DDP wrapper), compiled if asked."""
     forward = DeviceForward(net, resolve(precision, device, dtype), channels_last, torch.device(device))
-    return torch.compile(forward) if compile_model else forward
+    # static shapes: the last, smaller batch gets its own graph instead of turning the
+    # steady-state one dynamic
+    return torch.compile(forward, dynamic=False) if compile_model else forward

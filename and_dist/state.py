@@ -35,16 +35,20 @@ class Progress:
 
 
 class RNG:
-    """torch's global CPU and CUDA generators (everything else is seeded from (seed, position))."""
+    """torch's global CPU generator and this process's CUDA one (everything else is seeded from
+    (seed, position)). One CUDA state, not one per visible GPU: a run resumes on fewer GPUs."""
 
     def state_dict(self) -> dict:
         return {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
     def load_state_dict(self, s: dict) -> None:
         torch.set_rng_state(s["cpu"])
-        if s["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["cuda"])
+        cuda = s.get("cuda")
+        if isinstance(cuda, list):                 # older checkpoints: one state per visible GPU
+            cuda = cuda[0] if cuda else None
+        if cuda is not None and torch.cuda.is_initialized():
+            torch.cuda.set_rng_state(cuda)
 
 
 class RunConfig:

@@ -8,6 +8,7 @@ console with AND_DEBUG=1).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,8 +57,14 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    cuda = env.device.type == "cuda"
     if t.deterministic:
-        torch.use_deterministic_algorithms(True)
+        if cuda:   # cuBLAS reads this when its first handle is made, i.e. at the first matmul
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # CUDA has no deterministic AdaptiveAvgPool2d / NLLLoss backward: warn there, never fail
+        torch.use_deterministic_algorithms(True, warn_only=cuda)
+    elif cuda:
+        torch.backends.cudnn.benchmark = True      # fixed shapes: autotuned conv algorithms pay
     torch.manual_seed(t.seed)
     if env.is_main:
         save_config(cfg, run / "config.yaml")
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 done = trainer.run() is not None
                 if done and cfg.probe.after_train:
+                    trainer.data = None                # the probes load their own (on the GPU too)
                     done = run_probes(cfg, env, run, trainer.model, trainer.log, stop=stop,
                                       step=trainer.p.global_step) is not None
             finally:

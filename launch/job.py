@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 
@@ -74,7 +75,11 @@ class Stage:
         wandb = sys.modules.get("wandb")
         if wandb is not None:       # close its service now: the requeue kills it mid-exit otherwise
             wandb.teardown()
-        signal.raise_signal(JobEnvironment._usr_sig())
+        try:
+            signal.raise_signal(JobEnvironment._usr_sig())
+        except subprocess.CalledProcessError as e:     # e.g. JobRequeue=0 at this site
+            raise StageFailed(f"the checkpoint is saved but SLURM refused to requeue the job ({e}); continue "
+                              f"it with launch/slurm.py ... run_dir={self.run_dir} resume=auto") from None
 
     def checkpoint(self, *args, **kwargs):
         """submitit's hook: what to run when the job is requeued (None: do not requeue)."""

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-FORMAT = "%P|%D|%c|%G"      # partition (default marked *), nodes, CPUs per node, generic resources
+FORMAT = "%P|%D|%c|%G|%l"   # partition (default marked *), nodes, CPUs per node, generic resources, time limit
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,20 @@ class Partition:
     nodes: int
     max_cpus: int
     max_gpus: int
+    max_minutes: int | None = None          # the partition's time limit; None: no limit
+
+
+def minutes_of(limit: str) -> int | None:
+    """sinfo's %l ('infinite', '2-00:00:00', '12:00:00', '30:00' = minutes:seconds) -> minutes."""
+    if not limit or limit in ("infinite", "UNLIMITED", "n/a"):
+        return None
+    try:
+        days, _, clock = limit.rpartition("-")
+        parts = [int(x) for x in clock.split(":")]
+        h, m, s = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+        return int(days or 0) * 1440 + h * 60 + m + (s > 0)
+    except ValueError:
+        return None
 
 
 def gpus_of(gres: str) -> int:
@@ -31,24 +45,30 @@ def parse(text: str) -> dict[str, Partition]:
     for line in text.splitlines():
         if not line.strip():
             continue
-        name, nodes, cpus, gres = line.strip().split("|")
+        name, nodes, cpus, gres, *limit = line.strip().split("|")
         if name.endswith("*"):
             name = default = name[:-1]
         old = found.get(name, Partition(name, 0, 0, 0))
         found[name] = Partition(name, old.nodes + int(nodes), max(old.max_cpus, int(cpus.rstrip("+"))),
-                                max(old.max_gpus, gpus_of(gres)))
+                                max(old.max_gpus, gpus_of(gres)), minutes_of(limit[0]) if limit else None)
     if default:
         found[""] = found[default]
     return found
 
 
 def query() -> dict[str, Partition] | None:
-    """The cluster's partitions, or None where there is no sinfo (not on a SLURM login node)."""
+    """The cluster's partitions (hidden ones too), or None where there is no sinfo (not on a SLURM
+    login node); a failing sinfo is a one-line error with its own message."""
     if shutil.which("sinfo") is None:
         return None
-    out = subprocess.run(["sinfo", "-h", "-o", FORMAT], capture_output=True, text=True, timeout=60)
+    from submitit.helpers import clean_env
+    with clean_env():                  # inside an allocation its SLURM_* variables would leak in
+        out = subprocess.run(["sinfo", "-a", "-h", "-o", FORMAT], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
-        return None
+        from and_dist.errors import UserError
+        said = (out.stderr or out.stdout).strip().splitlines()
+        raise UserError(f"sinfo failed ({said[-1] if said else f'exit status {out.returncode}'}): is the SLURM "
+                        "controller reachable? (--dry-run skips the check)")
     return parse(out.stdout)
 
 

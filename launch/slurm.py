@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     box.add_argument("--container-image", help="run every task in this image (srun --container-image)")
     box.add_argument("--container-mounts", default="", help="SRC:DST,... besides out_dir, the log folder and "
                      "data.root (mounted at the same paths)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="any other sbatch option, repeatable: --sbatch gres=gpu:a100:8 --sbatch exclusive "
+                        "--sbatch reservation=r1")
     p.add_argument("--dry-run", action="store_true", help="print the batch script and config; submit nothing")
     p.add_argument("--then", choices=["probe"], help="a dependent job after pretraining succeeded")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -126,6 +129,17 @@ def _resource_overrides(args) -> list[str]:
     return out
 
 
+def _sbatch_options(given: list[str]) -> dict:
+    """--sbatch KEY=VALUE / --sbatch FLAG -> sbatch options as submitit writes them."""
+    out = {}
+    for item in given:
+        key, eq, value = item.lstrip("-").partition("=")
+        if not key:
+            raise UserError(f"--sbatch {item!r}: expected KEY=VALUE or FLAG, as sbatch spells it without '--'")
+        out[key.replace("-", "_")] = value if eq else True
+    return out
+
+
 def make_plan(args) -> Plan:
     """Everything to submit, checked: the runs (one per sweep value), sbatch parameters, folders."""
     warnings: list[str] = []
@@ -148,13 +162,17 @@ def make_plan(args) -> Plan:
         raise UserError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {s.gpus_per_node}: "
                         "runs use one task per GPU; leave --tasks-per-node out")
     tasks = s.gpus_per_node or s.tasks_per_node
-    _check_cluster(s, tasks, args.dry_run, warnings)
+    minutes = _check_cluster(s, tasks, args.dry_run, warnings)
     folder = s.folder or str(Path(base.out_dir) / base.name / "slurm")
-    params = dict(job_name=s.job_name or base.name, time=s.time, nodes=s.nodes, ntasks_per_node=tasks,
+    params = dict(job_name=s.job_name or base.name, time=minutes, nodes=s.nodes, ntasks_per_node=tasks,
                   cpus_per_task=s.cpus_per_task, gpus_per_node=s.gpus_per_node, mem=s.mem,
                   partition=s.partition, account=s.account, qos=s.qos, constraint=s.constraint,
                   exclude=s.exclude, signal_delay_s=SIGNAL_DELAY_S,
-                  setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
+                  # srun does not take --cpus-per-task from sbatch before SLURM 23.11: say it again
+                  setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+                         'if [ -n "$SLURM_CPUS_PER_TASK" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi'],
+                  wckey=None,                         # no workload key: sites that enforce them reject ours
+                  additional_parameters={"requeue": True, **_sbatch_options(args.sbatch)})  # requeue: sites whose default is no requeue
     params = {k: v for k, v in params.items() if v not in ("", 0)}      # unset: the cluster's default
     python = shlex.quote(sys.executable)
     if args.container_image:
@@ -175,18 +193,31 @@ def _container_args(image: str, extra_mounts: str, cfg: Config, folder: str) -> 
     return [f"--container-image={image}", f"--container-mounts={','.join(mounts)}"]
 
 
-def _check_cluster(s, tasks: int, dry_run: bool, warnings: list[str]) -> None:
-    found = partition.query()
+def _check_cluster(s, tasks: int, dry_run: bool, warnings: list[str]) -> int:
+    """Refuse what the partition can never run; returns the job's time, capped at the partition's
+    limit (a longer request would pend forever; the run is requeued at the limit anyway)."""
+    try:
+        found = partition.query()
+    except UserError:
+        if not dry_run:
+            raise
+        found = None
     if found is None:
         if not dry_run:
             raise UserError("no SLURM here (sinfo/sbatch not found): run launch/slurm.py on a login node, "
                             "or use --dry-run")
         warnings.append("no sinfo here: partition and node sizes not checked")
-        return
+        return s.time
     problems = partition.problems(found, s.partition, s.nodes, s.gpus_per_node, tasks, s.cpus_per_task)
     if problems and not dry_run:
         raise UserError("; ".join(problems))
     warnings.extend(problems)
+    limit = found[s.partition].max_minutes if s.partition in found else None
+    if limit is not None and s.time > limit:
+        warnings.append(f"--time {s.time}: partition '{found[s.partition].name}' allows {limit} minutes; "
+                        f"asking for {limit} (the run is requeued at the limit, up to slurm.max_requeues times)")
+        return limit
+    return s.time
 
 
 # ----------------------------------------------------------------------------------- dry run
@@ -196,11 +227,17 @@ def _command(plan: Plan) -> str:
     return f"{plan.python} -u -m submitit.core._submit {shlex.quote(plan.folder)}"
 
 
+def probe_params(plan: Plan, dependency: str) -> dict:
+    """The probe job's: after the pretraining, and cancelled (not pending forever) if it fails."""
+    extra = {**plan.params.get("additional_parameters", {}), "kill_on_invalid_dep": "yes"}
+    return dict(dependency=dependency, job_name=f"{plan.params['job_name']}-probe", additional_parameters=extra)
+
+
 def batch_script(plan: Plan, count: int, dependency: str | None = None) -> str:
     from submitit.slurm.slurm import _make_sbatch_string   # what SlurmExecutor writes, without a cluster
     extra = {"map_count": count} if count > 1 else {}
     if dependency:
-        extra.update(dependency=dependency, job_name=f"{plan.params['job_name']}-probe")
+        extra.update(probe_params(plan, dependency))
     return _make_sbatch_string(command=_command(plan), folder=plan.folder, **{**plan.params, **extra})
 
 
@@ -244,6 +281,11 @@ def submit(plan: Plan) -> list:
 
 def _submit(plan: Plan, stages: list[Stage]) -> list:
     import submitit
+    with submitit.helpers.clean_env():      # from inside an allocation its SLURM_* would leak into the job
+        return _submit_jobs(submitit, plan, stages)
+
+
+def _submit_jobs(submitit, plan: Plan, stages: list[Stage]) -> list:
     ex = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.runs[0].cfg.slurm.max_requeues,
                                 python=plan.python)
     ex.update_parameters(**plan.params)
@@ -252,7 +294,7 @@ def _submit(plan: Plan, stages: list[Stage]) -> list:
     if plan.probe:
         first = jobs[0].job_id
         dep = f"afterok:{first}" if len(jobs) == 1 else f"aftercorr:{first.split('_')[0]}"
-        ex.update_parameters(dependency=dep, job_name=f"{plan.params['job_name']}-probe")
+        ex.update_parameters(**probe_params(plan, dep))
         probes = [Stage("probe", "", tuple(plan.probe_overrides), str(r.run_dir), r.cfg.slurm.max_requeues)
                   for r in plan.runs]
         rows += [("probe", j, r.run_dir, t.job_id) for j, r, t in zip(ex.submit_array(probes), plan.runs, jobs)]

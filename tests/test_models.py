@@ -158,3 +158,18 @@ def test_alexnet_builds_for_its_input_size_or_refuses_in_one_line():
             assert model(torch.randn(2, 3, size, size)).shape == (2, 128)
     with pytest.raises(UserError, match="at least 63 px"):
         build_model("alexnet_bn", image_size=32)
+
+
+def test_global_bn_statistics_are_float32_for_bf16_inputs():
+    """Under autocast BN inputs are bf16, where 43 x 3136 = 134848 would round to 135168: the
+    statistics (and the count) are kept in float32, the output in the input's dtype."""
+    from and_dist.models.global_bn import _GlobalBatchNorm
+    x = (torch.randn(43, 2, 56, 56) + 3).bfloat16().requires_grad_()
+    w, b = torch.ones(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    y, mean, var = _GlobalBatchNorm.apply(x, w, b, 1e-5)
+    ref = x.detach().float()
+    assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32
+    assert torch.allclose(mean, ref.mean((0, 2, 3)), rtol=1e-6)
+    assert torch.allclose(var, ref.var((0, 2, 3)), rtol=1e-5)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16

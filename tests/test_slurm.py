@@ -150,16 +150,20 @@ def test_sinfo_lines_give_partitions_and_their_largest_nodes():
     assert "at most 8 GPUs" in partition.problems(parts, "", 1, 9, 9, 1)[0]
     assert "unknown partition 'big'" in partition.problems(parts, "big", 1, 0, 1, 1)[0]
     assert "has 10 nodes" in partition.problems(parts, "cpu", 11, 0, 1, 1)[0]
+    timed = partition.parse("short|2|8|(null)|30:00\nlong*|2|8|(null)|2-00:00:00\nfree|1|8|(null)|infinite\n")
+    assert [timed[p].max_minutes for p in ("short", "long", "free")] == [30, 2880, None]
 
 
 def test_dry_run_prints_a_16_rank_batch_script_and_submits_nothing(tmp_path):
     proc = launch("--config", "imagenet_alexnet.yaml", "--dry-run", "--nodes", "2", "--gpus-per-node", "8",
-                  f"out_dir={tmp_path}", cwd=tmp_path)
+                  f"out_dir={tmp_path}", "--sbatch", "reservation=r1", "--sbatch", "exclusive", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout.split("# ---- batch script")[1].split("# ----")[0]
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --signal=USR2@", "-m submitit.core._submit"):
+                 "#SBATCH --signal=USR2@", "-m submitit.core._submit", "#SBATCH --requeue\n",
+                 "#SBATCH --reservation=r1\n", "#SBATCH --exclusive\n", "SRUN_CPUS_PER_TASK="):
         assert line in script, script
+    assert "wckey" not in script
     assert "# 16 ranks" in proc.stdout
     assert "name: imagenet_alexnet" in proc.stdout and "arch: alexnet_bn" in proc.stdout  # the resolved config
     assert not any(tmp_path.iterdir())                                # nothing written, nothing submitted

@@ -124,7 +124,10 @@ class Prober:
         for batch in self.data.batches(0, p.epoch, p.step):
             if self.stop is not None and self.stop.requested():
                 bar.close()
-                p.loss = (torch.tensor(p.loss, dtype=torch.float64) + loss_sum.cpu()).tolist()
+                # every rank's partial sum, saved as a per-rank share: the epoch's closing
+                # all-reduce adds each rank's new sum to it once per rank
+                partial = dist.all_reduce(loss_sum.clone()).cpu() / env.world
+                p.loss = (torch.tensor(p.loss, dtype=torch.float64) + partial).tolist()
                 self.save(f"e{p.epoch}-s{p.step}")
                 self.log.info(f"probes stopped by signal {self.stop.signum} at epoch {p.epoch} step {p.step}: "
                               "checkpoint saved; run the same command again to continue")

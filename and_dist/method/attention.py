@@ -51,8 +51,10 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tenso
 
 
 def triton_available(device: torch.device, kernel: str = "fused_attention") -> bool:
-    """Whether the Triton kernel module `kernel` (this package) can run on `device`: CUDA only."""
-    if torch.device(device).type != "cuda":
+    """Whether the Triton kernel module `kernel` (this package) can run on `device`: CUDA with
+    bf16 tensor cores (compute capability 8.0+, Ampere on); older cards take the other paths."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
         importlib.import_module(f"{__package__}.{kernel}")

@@ -24,7 +24,10 @@ class ShardedBank:
         rank, world = dist.rank_world()
         self.lo, self.hi = dist.shard_range(n, world, rank)
         self.sizes = dist.shard_sizes(n, world)
-        self.rows = self._random_rows(seed).to(device, dtype)
+        rows = self._random_rows(seed)
+        # one spare row past the end, where `update` sends the rows other ranks own
+        self._store = torch.cat([rows, rows.new_zeros(1, dim)]).to(device, dtype)
+        self.rows = self._store[:-1]
 
     def _random_rows(self, seed: int) -> torch.Tensor:
         """Random unit vectors for rows [lo, hi), drawn in global seeded blocks."""
@@ -50,13 +53,13 @@ class ShardedBank:
         `idx`/`feats` are the whole global batch: updates are routed by index, so it does not
         matter which rank computed which sample.
         """
-        if dist.active():
-            mine = self.owned(idx)
-            rows, feats = idx[mine] - self.lo, feats[mine]
-        else:  # one process owns every row: no boolean mask, so no host sync in the step
+        store = self.rows
+        if dist.active():  # others' rows go to the spare row: fixed shapes, so no host sync
+            rows, store = torch.where(self.owned(idx), idx - self.lo, len(self.rows)), self._store
+        else:
             rows = idx
-        mixed = self.momentum * self.rows[rows] + (1 - self.momentum) * feats.to(self.rows)
-        self.rows[rows] = F.normalize(mixed, dim=1)
+        mixed = self.momentum * store[rows] + (1 - self.momentum) * feats.to(store)
+        store[rows] = F.normalize(mixed, dim=1)
 
     # Checkpoint owner, sharded: each rank saves its slice with its global range; loading takes
     # every saved slice and copies the overlap with this rank's range, so any world size resumes.

@@ -14,24 +14,28 @@ from .. import dist
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
+    """Statistics in float32 at least (in bf16 a count like 134848 rounds to 135168); the output
+    in the input's dtype (autograd casts the gradient back likewise)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         c = x.shape[1]
-        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
-        stats = dist.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), "sum")
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))   # bf16 -> float32; float64 stays
+        count = xf.new_full((1,), x.numel() // c)     # filled on the device: no host copy (a sync)
+        stats = dist.all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]), "sum")
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c: 2 * c] / n - mean * mean).clamp_min(0)
         invstd = torch.rsqrt(var + eps)
-        xhat = (x - mean.view(shape)) * invstd.view(shape)
+        xhat = (xf - mean.view(shape)) * invstd.view(shape)
         ctx.save_for_backward(xhat, weight, invstd, n)
         ctx.dims, ctx.shape = dims, shape
         running_var = var * n / (n - 1).clamp_min(1)          # unbiased, as BatchNorm tracks it
         ctx.mark_non_differentiable(mean, running_var)
         y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
-        return y, mean, running_var
+        return y.to(x.dtype), mean, running_var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
