@@ -17,21 +17,9 @@ import time
 
 import torch
 
-from common import REPO
+from common import REPO, measure
 
 sys.path.insert(0, str(REPO))
-
-
-def timed(fn, steps: int, cuda: bool) -> float:
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
 
 
 def main() -> None:
@@ -61,9 +49,9 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
-        masked = timed(lambda: jitter_masked(x, f, order), args.steps, cuda)
-        compiled = timed(lambda: fused(x, f, order), args.steps, cuda)
-        indexed = timed(lambda: jitter_indexed(x.clone(), f, order), args.steps, cuda)
+        masked = measure(lambda: jitter_masked(x, f, order), args.steps, cuda)
+        compiled = measure(lambda: fused(x, f, order), args.steps, cuda)
+        indexed = measure(lambda: jitter_indexed(x.clone(), f, order), args.steps, cuda)
         print(f"{size:>4} {batch:>6} {masked * 1e3:>9.2f} {compiled * 1e3:>9.2f} {masked / compiled:>6.1f} "
               f"{indexed * 1e3:>9.2f} {masked / indexed:>6.1f} {compile_s:>9.1f}", flush=True)
 

@@ -1,13 +1,29 @@
-"""Shared by the multi-process benchmarks: memory high-water marks and launching torchrun jobs."""
+"""Shared by the benchmarks: timing, memory high-water marks and launching torchrun jobs."""
 import os
 import resource
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2 ** 20
+
+
+def measure(fn, steps: int, cuda: bool, warmup: int = 3) -> float:
+    """Seconds per call over `steps` calls after warm-up (synchronised at both ends)."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def peak_rss() -> int:

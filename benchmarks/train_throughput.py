@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 
 import torch
 
-from common import REPO
+from common import REPO, measure
 
 sys.path.insert(0, str(REPO))
 
@@ -59,20 +58,6 @@ def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str
     bank = ShardedBank(n, cfg.model.low_dim, device=env.device)
     trainer = Trainer(cfg, env, None, data, model, forward, opt, bank, Curriculum(0.25), None, None, None, None, None)
     return trainer, data, forward, opt, env
-
-
-def measure(fn, steps: int, cuda: bool) -> float:
-    """Seconds per call over `steps` calls after warm-up (synchronised at both ends)."""
-    for _ in range(3):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
 
 
 def syncs_per_step(fn, steps: int = 5) -> tuple[float, str]:
