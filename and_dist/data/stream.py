@@ -88,7 +88,7 @@ class StreamAugment:
         x = _to_float(images)
         if self.jitter > 0:
             factors = to_device(p["factors"].float(), dev).view(b, 4, 1, 1, 1)
-            x = pick_jitter(dev, self.compiled)(x, factors, p["order"])
+            x = pick_jitter(dev, self.compiled)(x, factors, to_device(p["order"], dev))   # moved outside any compiled region
         if p["gray"].any():                        # the draws live on the CPU: no device sync
             x = torch.where(to_device(p["gray"], dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
         if p["flip"].any():
