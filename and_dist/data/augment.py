@@ -110,7 +110,7 @@ def jitter_indexed(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) 
 def jitter_masked(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """The same, every op on the whole batch and selected by mask: more arithmetic but no
     data-dependent shapes, so the GPU never waits on the host."""
-    order = to_device(order, x.device).view(len(x), 4, 1, 1, 1)
+    order = order.view(len(x), 4, 1, 1, 1)                      # on x's device (the caller moves it)
     for step in range(4):
         out = x
         for op in range(4):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .. import files
 from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
 from .base import Batch, SplitInfo
-from .folder import list_split, to_rgb
+from .folder import file_stamp, list_split, to_rgb
 from .prefetch import prefetch
 from .sampler import augment_generator, global_batches, rank_slice
 
@@ -45,14 +45,9 @@ class ImageSet:
 
 def _cache_key(root: str, split: str, image_size: int, paths: list[str]) -> str:
     """Hash of everything that changes the decoded arrays: root, split, size and each file's size+mtime."""
-    h = hashlib.sha256(f"{os.path.abspath(root)}|{split}|{image_size}".encode("utf-8", "surrogateescape"))
+    h = hashlib.sha256(os.fsencode(f"{os.path.abspath(root)}|{split}|{image_size}"))   # any file name
     for p in paths:
-        try:
-            st = os.stat(p)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:                         # a dangling link: decoding reports and skips it
-            stamp = "missing"
-        h.update(f"|{p[len(root):]}:{stamp}".encode("utf-8", "surrogateescape"))
+        h.update(os.fsencode(f"|{p[len(root):]}:{file_stamp(p)}"))
     return h.hexdigest()[:20]
 
 

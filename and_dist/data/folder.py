@@ -27,6 +27,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, what tells a rewritten one; (-1, -1) if it is gone (a dangling link)."""
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
 def test_split(root: str) -> str:
     """The evaluation split's folder name: `test`, else `val` (ImageNet's layout)."""
     for name in TEST_SPLITS:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .. import files
 from .base import SplitInfo
-from .folder import list_split
+from .folder import file_stamp, list_split
 
 VERSION = 2  # bump when the cached fields change
 
@@ -58,27 +58,19 @@ class FileIndex:
 
 def tree_key(split_dir: str, classes: list[str]) -> str:
     """Hash of the root, the class list and the folder mtimes: cheap (one stat per class)."""
-    h = hashlib.sha256(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}".encode(
-        "utf-8", "surrogateescape"))
+    h = hashlib.sha256(os.fsencode(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}"))
     for cls in classes:
         cdir = os.path.join(split_dir, cls)
-        h.update(f"|{cls}:{os.stat(cdir).st_mtime_ns if os.path.isdir(cdir) else -1}".encode(
-            "utf-8", "surrogateescape"))
+        h.update(os.fsencode(f"|{cls}:{os.stat(cdir).st_mtime_ns if os.path.isdir(cdir) else -1}"))
     return h.hexdigest()[:20]
 
 
-def _stamp(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, -1
-
-
-def stamps(paths: list[str], workers: int) -> np.ndarray:
-    """(size, mtime_ns) of each file, (-1, -1) if it is gone: int64 (N, 2)."""
+def stamps(paths: list[str], workers: int, progress: bool = False, desc: str = "stat") -> np.ndarray:
+    """`folder.file_stamp` of each file, in threads: int64 (N, 2)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return np.asarray(list(pool.map(_stamp, paths, chunksize=256)), dtype=np.int64).reshape(-1, 2)
+        found = tqdm(pool.map(file_stamp, paths, chunksize=256), total=len(paths), unit="file", desc=desc,
+                     leave=False, disable=not progress)
+        return np.asarray(list(found), dtype=np.int64).reshape(-1, 2)
 
 
 def check_image(path: str) -> tuple[int, int, str, str | None]:
@@ -148,7 +140,8 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
                 index = _load(cache_path, split_dir)
                 changed = 0
                 if verify:
-                    now = stamps([index.path(i) for i in range(len(index))], workers)
+                    now = stamps([index.path(i) for i in range(len(index))], workers, progress,
+                                 f"compare {split} with its cached list")
                     changed = int((now != index.stamps).any(1).sum())
                 if index.classes == list(classes) and not changed:
                     return index

@@ -60,6 +60,15 @@ def check_layers(cfg: Config, model: nn.Module) -> None:
         model.train(was_training)
 
 
+def final_knn(run_dir: Path) -> tuple[float | None, float | None]:
+    """The pretraining's final kNN (top-1, top-5) from its summary.json, shown beside the probes."""
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+        return s.get("final_knn_top1"), s.get("final_knn_top5")
+    except (OSError, ValueError):
+        return None, None
+
+
 class Prober:
     def __init__(self, cfg, env, run_dir, model, log, stop, step):
         self.cfg, self.p, self.env, self.dir, self.log, self.stop = cfg, cfg.probe, env, run_dir, log, stop
@@ -185,18 +194,11 @@ class Prober:
 
     # ------------------------------------------------------------------ outputs
 
-    def _knn(self) -> tuple[float | None, float | None]:
-        try:
-            s = json.loads((self.dir / "summary.json").read_text())
-            return s.get("final_knn_top1"), s.get("final_knn_top5")
-        except (OSError, ValueError):
-            return None, None
-
     def write_outputs(self, finished: bool, image_step: int | None = None) -> dict:
         """probes.json and probes.png (rank 0) from the last scored epoch; the chart also to wandb."""
         p, cfg = self.progress, self.cfg
         last = p.history[-1]["layers"] if p.history else {}
-        knn1, knn5 = self._knn()
+        knn1, knn5 = final_knn(self.dir)
         results = {
             "finished": finished, "epochs_done": p.epoch, "pretrain_step": self.base_step,
             "arch": cfg.model.arch, "image_size": cfg.data.image_size, "classes": len(self.data.train.classes),
