@@ -34,9 +34,9 @@ SCALE_RANGE = ("must be [min, max] with 0 < min <= max <= 1",
                lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1)
 
 
-def opt(default, *, choices: tuple = (), check: tuple | None = None):
-    """A dataclass field carrying its allowed choices and/or range check."""
-    meta = {"choices": choices, "check": check}
+def opt(default, help: str = "", *, choices: tuple = (), check: tuple | None = None):
+    """A dataclass field carrying its one-line help, allowed choices and/or range check."""
+    meta = {"help": help, "choices": choices, "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
