@@ -183,13 +183,15 @@ class Config:
 
 # ----- validation (runs before any work starts)
 
-def validate(cfg: Config) -> None:
-    """Check types, choices, ranges, the data root and the resume path; raise ConfigError."""
+def validate(cfg: Config, check_data: bool = True) -> None:
+    """Check types, choices, ranges, combinations, the data root (unless `check_data` is off:
+    a launcher's dry run on a host without the data) and the resume path; raise ConfigError."""
     check_fields(cfg)
-    try:
-        check_root(cfg.data.source, cfg.data.root, cfg.data.download)
-    except UserError as e:
-        raise ConfigError(str(e)) from None
+    if check_data:
+        try:
+            check_root(cfg.data.source, cfg.data.root, cfg.data.download)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
     if cfg.run_dir and cfg.resume not in ("", "auto"):
         raise ConfigError("run_dir with a checkpoint path in resume: use resume=auto to continue run_dir's run")
     if cfg.data.loader == "cached" and cfg.data.image_size > MAX_CACHED_SIZE:
@@ -218,24 +220,27 @@ def find_config(config: str) -> Path:
                       f"available: {names}")
 
 
-def load_config(config: str, overrides: list[str]) -> Config:
-    """Defaults <- YAML file `config` (path or name in configs/) <- `a.b=value` overrides."""
-    path = find_config(config)
-    data = yaml_load(path.read_text(), str(path))
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, "
-                          f"got {describe(data)}")
-    cfg = Config()
-    merge(cfg, data)
+def load_config(config: str, overrides: list[str], base: Config | None = None, check_data: bool = True) -> Config:
+    """`base` (default: the schema's defaults) <- YAML file `config` (path or name in configs/;
+    "" for none) <- `a.b=value` overrides, validated (the data root only with `check_data`)."""
+    cfg = Config() if base is None else base
+    if config:
+        path = find_config(config)
+        data = yaml_load(path.read_text(), str(path))
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, "
+                              f"got {describe(data)}")
+        merge(cfg, data)
     for text in overrides:
         apply_override(cfg, text)
-    cfg.name = cfg.name or path.stem
+    if config:
+        cfg.name = cfg.name or path.stem
     cfg.out_dir = os.path.expanduser(cfg.out_dir)
     if cfg.data.root:  # relative to the launch directory; stored absolute so the run is portable
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
-    validate(cfg)
+    validate(cfg, check_data)
     return cfg
 
 
@@ -254,11 +259,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def config_or_exit(argv: list[str] | None = None) -> Config:
     """parse_args for entry points: a config mistake is one `error:` line and exit status 2."""
-    try:
-        return parse_args(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from .entry import user_error_exit
+    return user_error_exit(parse_args, argv)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -111,3 +111,11 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def data_parallel(module: torch.nn.Module, env: Env) -> torch.nn.Module:
+    """`module` under DistributedDataParallel when there are several ranks, else itself."""
+    if env.world == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[env.device] if env.device.type == "cuda" else None)

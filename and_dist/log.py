@@ -17,7 +17,6 @@ from . import files
 
 class _NoBar:
     def update(self, n=1): pass
-    def set_postfix(self, *a, **k): pass
     def close(self): pass
 
 
@@ -71,6 +70,13 @@ class RunLog:
         self.wandb_args = (wandb_mode, wandb_project, wandb_entity, config, name)
         self.wandb_id = uuid.uuid4().hex[:8]      # a fresh run's; a resumed run loads its own
         self.wandb = None
+
+    @classmethod
+    def for_config(cls, run_dir: Path, enabled: bool, cfg) -> "RunLog":
+        """The log a run's config asks for (`log` section; wandb gets the whole config)."""
+        from dataclasses import asdict
+        c = cfg.log
+        return cls(run_dir, enabled, c.progress, c.wandb_mode, c.wandb_project, c.wandb_entity, asdict(cfg), cfg.name)
 
     def start_wandb(self) -> None:
         """After resume (which may restore the id), so a resumed run continues its wandb run."""

@@ -19,19 +19,19 @@ continues there. Exit 0 when done, 2 for a user error (one line), 1 for anything
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, rundir
-from .config import Config, ConfigError, find_config, save_config, to_dict, validate
-from .errors import EXIT_USER_ERROR, UserError, exit_status
+from . import checkpoint
+from .config import Config, load_config, save_config
+from .entry import Session, user_error_exit
+from .errors import UserError
 from .eval.prober import run_probes
 from .log import RunLog
 from .stop import Stop
-from .typed import apply_override, merge, yaml_load
+
 
 def _checkpoint_dir(text: str) -> Path:
     """A run directory, its checkpoints/ folder, a checkpoint directory, or a `latest` file."""
@@ -46,35 +46,17 @@ def _checkpoint_dir(text: str) -> Path:
 
 def configure(cfg: Config, config: str, overrides: list[str]) -> Config:
     """The run's config <- the `config` YAML file (if any) <- `a.b=value` overrides, validated."""
-    if config:
-        path = find_config(config)
-        data = yaml_load(path.read_text(), str(path)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        merge(cfg, data)
-    for text in overrides:
-        apply_override(cfg, text)
     cfg.resume = ""          # the pretraining's resume path plays no part here
-    if cfg.data.root:
-        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
-    validate(cfg)
-    return cfg
+    return load_config(config, overrides, base=cfg)
 
 
-def _lock(run: Path, env) -> None:
-    error = None
-    if env.is_main:
-        try:
-            rundir.acquire(run)
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)
-    if error:
-        raise UserError(error)
+def _load(checkpoint_arg: str, config: str, overrides: list[str]):
+    from .eval.pretrained import load_model
+    model, cfg, ckpt = load_model(_checkpoint_dir(checkpoint_arg))
+    return model, configure(cfg, config, overrides), ckpt
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .eval.pretrained import load_model
     parser = argparse.ArgumentParser(prog="python -m and_dist.probe", description=(
         "Linear probes on the frozen layers of a trained run. Overrides use YAML values, e.g. "
         "probe.epochs=10 probe.layers=[conv1,conv5] data.root=/data/imagenet"))
@@ -83,49 +65,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="", help="YAML path or name in configs/ overriding the run's config")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        ckpt = _checkpoint_dir(args.checkpoint)
-        model, cfg, ckpt = load_model(ckpt)
-        cfg = configure(cfg, args.config, args.overrides)
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    try:
-        env = dist.init(cfg.train.device)
-    except UserError as e:                       # before any process group: each rank says it
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    model, cfg, ckpt = user_error_exit(_load, args.checkpoint, args.config, args.overrides)
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    locked = False
-    try:
-        _lock(run, env)
-        locked = True
+
+    def body(session: Session) -> int:
+        env = session.env
+        session.lock(run)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if env.is_main:
             save_config(cfg, run / "probes" / "config.yaml")
         state = checkpoint.read_state(ckpt)
-        log = RunLog(run, env.is_main, cfg.log.progress, cfg.log.wandb_mode, cfg.log.wandb_project,
-                     cfg.log.wandb_entity, to_dict(cfg), cfg.name)
+        log = RunLog.for_config(run, env.is_main, cfg)
         log.wandb_id = state.get("log", {}).get("wandb_id", log.wandb_id)   # the run's own wandb run
         step = state.get("progress", {}).get("global_step", 0)
         del state
-        model = model.to(env.device)
         log.info(f"probing {ckpt} (pretraining step {step}) on {env.device}, {env.world} rank(s)")
         log.start_wandb()
         try:
             with Stop() as stop:
-                results = run_probes(cfg, env, run, model, log, stop=stop, step=step)
+                results = run_probes(cfg, env, run, model.to(env.device), log, stop=stop, step=step)
         finally:
             log.close()
         return 0 if results is not None else stop.exit_status()
-    except Exception as e:  # noqa: BLE001 - see errors.exit_status
-        return exit_status(e, env, run)
-    finally:
-        if locked and env.is_main:
-            rundir.release(run)
-        dist.shutdown()
+
+    return Session(cfg.train.device).run(body)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from . import checkpoint, dist, precision, rundir
 from .config import Config, config_or_exit, save_config, to_dict
 from .data import build_data
-from .errors import EXIT_USER_ERROR, UserError, exit_status
+from .entry import Session, main_decides
+from .errors import UserError
 from .log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
@@ -27,29 +27,18 @@ from .eval.prober import check_layers, run_probes
 from .report import Report
 from .state import RNG, Progress, RunConfig
 from .stop import Stop
-from .trainer import Trainer
+from .trainer import RunParts, Trainer
 
 
-def _choose_run_dir(cfg: Config, env) -> tuple[Path, Path | None]:
-    """Rank 0 picks (and locks) the run directory and the checkpoint to resume; all ranks get it."""
-    answer = None
-    if env.is_main:
-        try:
-            if cfg.resume not in ("", "auto"):
-                ckpt = checkpoint.resolve(Path(cfg.resume))
-                run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else rundir.choose(
-                    cfg.out_dir, cfg.name, cfg.run_dir, "")[0]
-            else:
-                run, resuming = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, cfg.resume)
-                ckpt = checkpoint.find_latest(run / "checkpoints") if resuming else None
-            rundir.acquire(run)
-            answer = (str(run), str(ckpt) if ckpt else None)
-        except (UserError, FileNotFoundError) as e:
-            answer = f"{e}"
-    answer = dist.broadcast_object(answer)
-    if isinstance(answer, str):
-        raise UserError(answer)
-    return Path(answer[0]), (Path(answer[1]) if answer[1] else None)
+def _choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume or None), as rank 0 decides them."""
+    if cfg.resume not in ("", "auto"):
+        ckpt = checkpoint.resolve(Path(cfg.resume))
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else rundir.choose(
+            cfg.out_dir, cfg.name, cfg.run_dir, "")[0]
+        return run, ckpt
+    run, resuming = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, cfg.resume)
+    return run, (checkpoint.find_latest(run / "checkpoints") if resuming else None)
 
 
 def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer:
@@ -68,10 +57,8 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     torch.manual_seed(t.seed)
     if env.is_main:
         save_config(cfg, run / "config.yaml")
-    log = RunLog(run, env.is_main, cfg.log.progress, cfg.log.wandb_mode, cfg.log.wandb_project,
-                 cfg.log.wandb_entity, to_dict(cfg), cfg.name)
-    data = build_data(cfg, env, None,
-                      log.info, log.tty)
+    log = RunLog.for_config(run, env.is_main, cfg)
+    data = build_data(cfg, env, None, log.info, log.tty)
     if data.steps(0, 0) == 0:
         raise UserError(f"{len(data.train)} train images cannot fill one step: each of the {env.world} ranks "
                         f"needs at least one image of every batch (train.batch_size={t.batch_size})")
@@ -83,10 +70,8 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     if cfg.probe.after_train:
         check_layers(cfg, model)
     channels_last = precision.set_layout(model, env.device)
-    ddp = model
-    if env.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    ddp = precision.wrap(ddp, env.device, t.precision, channels_last, t.compile, dtype)
+    forward = dist.data_parallel(model, env)
+    forward = precision.wrap(forward, env.device, t.precision, channels_last, t.compile, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                           weight_decay=t.weight_decay)
     bank = ShardedBank(len(data.train), cfg.model.low_dim, cfg.bank.temperature, cfg.bank.momentum,
@@ -101,7 +86,8 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     _banner(log, cfg, env, run, data, ckpt, progress)
     log.start_wandb()
     report = Report(run, log, env.is_main)
-    return Trainer(cfg, env, run, data, model, ddp, opt, bank, curriculum, progress, owners, log, report, stop)
+    return Trainer(RunParts(cfg, env, run, data, model, forward, opt, bank, curriculum, progress, log, report,
+                            stop, owners))
 
 
 def _log_state(cfg, run: Path, ckpt: Path, p: Progress) -> dict:
@@ -131,14 +117,11 @@ def _banner(log, cfg, env, run, data, ckpt, p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
-    try:
-        env = dist.init(cfg.train.device)
-    except UserError as e:                       # before any process group: each rank says it
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    run = None
-    try:
-        run, ckpt = _choose_run_dir(cfg, env)
+
+    def body(session: Session) -> int:
+        env = session.env
+        run, ckpt = main_decides(env, lambda: _choose_run_dir(cfg))
+        session.lock(run)
         with Stop() as stop:
             trainer = build(cfg, env, run, ckpt, stop)
             try:
@@ -146,18 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                 if done and cfg.probe.after_train:
                     trainer.data = None                # the probes load their own (on the GPU too)
                     done = run_probes(cfg, env, run, trainer.model, trainer.log, stop=stop,
-                                      step=trainer.p.global_step) is not None
+                                      step=trainer.progress.global_step) is not None
             finally:
                 trainer.log.close()
             status = 0 if done else stop.exit_status()
         del trainer  # DDP must go before its process group, or gloo aborts at exit
         return status
-    except Exception as e:  # noqa: BLE001 - see errors.exit_status
-        return exit_status(e, env, run)
-    finally:
-        if run is not None and env.is_main:
-            rundir.release(run)
-        dist.shutdown()
+
+    return Session(cfg.train.device).run(body)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,42 @@ everyone else's only itself. Everything else lives in the components the trainer
 """
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from . import checkpoint
 from .eval.knn import knn_eval
-from .log import fmt
-from .report import round_table
+from .log import RunLog, fmt
+from .loop import Loop, cosine_lr, step_lr
+from .report import Report, round_table
+from .method.bank import ShardedBank
+from .method.curriculum import Curriculum
 from .method.discovery import discover
 from .method.attention import select_shard_fn
 from .method.loss import and_loss
+from .state import Progress
+from .stop import Stop
+
+
+@dataclass
+class RunParts:
+    """The components of a training run, built once by train.build."""
+    cfg: object
+    env: object
+    run_dir: Path
+    data: object
+    model: torch.nn.Module           # the plain module (state, evaluation)
+    forward: torch.nn.Module         # what a step calls: the model under DDP / autocast / compile
+    opt: torch.optim.Optimizer
+    bank: ShardedBank
+    curriculum: Curriculum
+    progress: Progress
+    log: RunLog
+    report: Report
+    stop: Stop
+    owners: dict                     # the checkpointed state, by name (checkpoint.save/load)
 
 
 def lr_at(cfg, epoch: int) -> float:
@@ -26,25 +50,27 @@ def lr_at(cfg, epoch: int) -> float:
     `lr_decay_every` epochs; or cosine over the round."""
     t = cfg.train
     if t.schedule == "cosine":
-        return 0.5 * t.lr * (1 + math.cos(math.pi * epoch / t.epochs_per_round))
-    decays = 0 if epoch < t.lr_first_decay else 1 + (epoch - t.lr_first_decay) // t.lr_decay_every
-    return t.lr * t.lr_gamma ** decays
+        return cosine_lr(t.lr, epoch, t.epochs_per_round)
+    return step_lr(t.lr, epoch, range(t.lr_first_decay, epoch + 1, t.lr_decay_every), t.lr_gamma)
 
 
-class Trainer:
-    def __init__(self, cfg, env, run, data, model, ddp, opt, bank, curriculum, progress, owners, log,
-                 report, stop):
-        self.cfg, self.env, self.run_dir, self.data = cfg, env, run, data
-        self.model, self.ddp, self.opt, self.bank = model, ddp, opt, bank
-        self.curriculum, self.p, self.owners, self.log = curriculum, progress, owners, log
-        self.report, self.stop = report, stop
-        self.shard_fn = select_shard_fn(cfg.bank.kernel, env.device)   # chosen once, not per step
-        self.dtype = next(model.parameters()).dtype
+class Trainer(Loop):
+    def __init__(self, parts: RunParts):
+        self.parts = parts
+        self.cfg, self.env, self.run_dir, self.data = parts.cfg, parts.env, parts.run_dir, parts.data
+        self.model, self.forward, self.opt, self.bank = parts.model, parts.forward, parts.opt, parts.bank
+        self.curriculum, self.progress, self.log = parts.curriculum, parts.progress, parts.log
+        self.report, self.stop, self.owners = parts.report, parts.stop, parts.owners
+        self.ckpt_root = self.run_dir / "checkpoints" if self.run_dir else None
+        self.keep = self.cfg.checkpoint.keep
+        self.batch_size = self.cfg.train.batch_size
+        self.shard_fn = select_shard_fn(self.cfg.bank.kernel, self.env.device)   # chosen once, not per step
+        self.dtype = next(self.model.parameters()).dtype
 
     def run(self) -> dict | None:
         """Train to the end (returns the summary), or until a stop signal (returns None)."""
-        cfg, p = self.cfg, self.p
-        self.clock = (time.time(), p.seconds)
+        cfg, p = self.cfg, self.progress
+        self.start_clock()
         p.segments += 1
         while p.round < cfg.curriculum.rounds:
             if p.round > 0 and p.epoch == 0 and p.step == 0:
@@ -57,13 +83,8 @@ class Trainer:
             self.end_of_round()
         return self.finish()
 
-    def tick(self) -> None:
-        """Total training seconds over all segments of the run, up to now."""
-        start, before = self.clock
-        self.p.seconds = before + time.time() - start
-
     def discover(self) -> None:
-        c, r, t0 = self.cfg, self.p.round, time.time()
+        c, r, t0 = self.cfg, self.progress.round, time.time()
         bar = self.log.bar(self.bank.n, f"round {r} discovery")
         nbhd = discover(self.bank, c.curriculum.neighbours, c.discovery.chunk, c.discovery.backend,
                         c.discovery.precision, progress=bar.update, kernel=c.discovery.kernel)
@@ -73,63 +94,59 @@ class Trainer:
         self.log.info(f"round {r}: {count} anchors, neighbourhood consistency {fmt(cons, '.4f')} "
                       f"({time.time() - t0:.1f}s)")
         self.log.event(event="discovery", round=r, anchors=count, consistency=cons,
-                       seconds=time.time() - t0, step=self.p.global_step)
-        self.report.discovery(r, self.curriculum, self.data, self.p.global_step)
+                       seconds=time.time() - t0, step=self.progress.global_step)
+        self.report.discovery(r, self.curriculum, self.data, self.progress.global_step)
 
     def train_epoch(self) -> bool:
         """Run the rest of the current epoch; False if a signal stopped it (after a checkpoint)."""
-        cfg, p = self.cfg, self.p
-        lr = lr_at(cfg, p.epoch)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        cfg, p = self.cfg, self.progress
+        self.lr = self.set_lr(lr_at(cfg, p.epoch))
         steps = self.data.steps(p.round, p.epoch)
-        self.ddp.train()
-        bar = self.log.bar(steps - p.step, f"round {p.round} epoch {p.epoch}")
-        t0, start, loss_sum = time.time(), p.step, torch.zeros((), dtype=torch.float64, device=self.env.device)
-        for batch in self.data.batches(p.round, p.epoch, p.step):
-            if self.stop.requested():
-                bar.close()
-                p.epoch_loss += loss_sum.item()
-                self.save(f"r{p.round}-e{p.epoch}-s{p.step}")
-                self.log.info(f"stopped by signal {self.stop.signum} at round {p.round} epoch {p.epoch} "
-                              f"step {p.step}: checkpoint saved; continue with resume=auto")
-                return False
-            loss = self.step(batch)
-            loss_sum += loss
-            p.step, p.global_step = p.step + 1, p.global_step + 1
-            bar.update()
-            if p.global_step % cfg.log.every_steps == 0:
-                self.log.event(event="step", round=p.round, epoch=p.epoch, step=p.global_step,
-                               loss=loss.item(), lr=lr)
-        bar.close()
-        p.epoch_loss += loss_sum.item()
-        secs = time.time() - t0
-        rate = (p.step - start) * cfg.train.batch_size / max(secs, 1e-9)
-        eta = secs / max(p.step - start, 1) * steps * (cfg.train.epochs_per_round - p.epoch - 1)
-        self.log.info(f"round {p.round} epoch {p.epoch}: loss {p.epoch_loss / steps:.4f} lr {lr:.4g} "
-                      f"{rate:.0f} img/s, round ETA {eta / 60:.1f} min")
+        self.forward.train()
+        zero = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        done = self.run_steps(self.data.batches(p.round, p.epoch, p.step), steps,
+                              f"round {p.round} epoch {p.epoch}", self.step, zero)
+        if done is None:
+            return False
+        p.epoch_loss += done.loss_sum.item()
+        eta = done.eta(steps, cfg.train.epochs_per_round - p.epoch - 1)
+        self.log.info(f"round {p.round} epoch {p.epoch}: loss {p.epoch_loss / steps:.4f} lr {self.lr:.4g} "
+                      f"{done.images_per_s:.0f} img/s, round ETA {eta / 60:.1f} min")
         self.log.event(event="epoch", round=p.round, epoch=p.epoch, step=p.global_step,
-                       loss=p.epoch_loss / steps, lr=lr, seconds=secs, images_per_s=rate)
+                       loss=p.epoch_loss / steps, lr=self.lr, seconds=done.seconds, images_per_s=done.images_per_s)
         p.epoch_loss = 0.0
         return True
 
+    def interrupted(self, loss_sum: torch.Tensor) -> tuple[str, str, str]:
+        p = self.progress
+        p.epoch_loss += loss_sum.item()
+        return (f"r{p.round}-e{p.epoch}-s{p.step}", f"round {p.round} epoch {p.epoch} step {p.step}",
+                "continue with resume=auto")
+
+    def after_step(self) -> None:
+        p = self.progress
+        if p.global_step % self.cfg.log.every_steps == 0:
+            self.log.event(event="step", round=p.round, epoch=p.epoch, step=p.global_step,
+                           loss=self.last_loss.item(), lr=self.lr)
+
     def step(self, batch) -> torch.Tensor:
         """One step; it adds no host sync (the loss stays on the device)."""
-        feats = self.ddp(batch.images.to(self.dtype))
+        feats = self.forward(batch.images.to(self.dtype))
         positives = self.curriculum.positives(batch.index)
         objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes, self.shard_fn)
         self.opt.zero_grad(set_to_none=True)
         objective.backward()
         self.opt.step()
         self.bank.update(batch.index, all_feats)
-        return losses.mean().double()
+        self.last_loss = losses.mean().double()
+        return self.last_loss
 
     def knn(self, train_feats=None) -> tuple[float, float]:
         e = self.cfg.eval
         return knn_eval(self.model, self.data, self.env, e.knn_k, e.knn_sigma, train_feats, self.dtype, self.log.bar)
 
     def end_of_epoch(self) -> None:
-        cfg, p = self.cfg, self.p
+        cfg, p = self.cfg, self.progress
         every = cfg.eval.every_epochs
         if every and (p.epoch % every == 0 or p.epoch == cfg.train.epochs_per_round):
             top1, top5 = self.knn(self.bank.rows)
@@ -144,7 +161,7 @@ class Trainer:
             self.save(f"r{p.round}-e{p.epoch}-s0")
 
     def end_of_round(self) -> None:
-        p = self.p
+        p = self.progress
         top1, top5 = self.knn()
         row = {"round": p.round, "anchors": self.curriculum.anchors(),
                "consistency": self.curriculum.consistency(self.data.train.labels),
@@ -156,13 +173,8 @@ class Trainer:
         p.next_round()
         self.save(f"r{p.round - 1}-end")
 
-    def save(self, name: str) -> None:
-        self.tick()
-        path = checkpoint.save(self.run_dir / "checkpoints", name, self.owners, self.cfg.checkpoint.keep)
-        self.log.info(f"checkpoint {path}")
-
     def finish(self) -> dict:
         """summary.json; the final kNN is the last round's (train features recomputed with test
         transforms)."""
         self.tick()
-        return self.report.summary(self.p, time.time() - self.clock[0])
+        return self.report.summary(self.progress, time.time() - self.clock[0])

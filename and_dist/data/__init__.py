@@ -102,16 +102,8 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
 def _main_first(env, load):
     """`load(is_main)` on rank 0 first (it fills the caches), then on the others (they read them);
     a UserError on rank 0 stops every rank with its message instead of leaving them waiting."""
-    from .. import dist
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = load(True)
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)
-    if error:
-        raise UserError(error)
+    from ..entry import main_decides
+    result = main_decides(env, lambda: load(True), share=False)
     return result if env.is_main else load(False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,8 +16,9 @@ from ..config import Config
 from ..data import build_data
 from ..errors import UserError
 from ..log import RunLog, fmt
+from ..loop import Loop, step_lr
 from ..stop import Stop
-from .probes import ProbeHeads, ProbeProgress, Taps, evaluate, lr_at
+from .probes import ProbeHeads, ProbeProgress, Taps, evaluate
 
 
 # probe settings that must not change between a probe checkpoint and the run continuing it
@@ -69,24 +69,24 @@ def final_knn(run_dir: Path) -> tuple[float | None, float | None]:
         return None, None
 
 
-class Prober:
+class Prober(Loop):
+    label, checkpoint_word = "probes ", "probe checkpoint"
+
     def __init__(self, cfg, env, run_dir, model, log, stop, step):
-        self.cfg, self.p, self.env, self.dir, self.log, self.stop = cfg, cfg.probe, env, run_dir, log, stop
-        self.base_step, self.ckpt_root = step, run_dir / "probes" / "checkpoints"
+        self.cfg, self.protocol, self.env, self.dir, self.log, self.stop = cfg, cfg.probe, env, run_dir, log, stop
+        self.base_step, self.ckpt_root, self.keep = step, run_dir / "probes" / "checkpoints", 2
+        self.batch_size = self.protocol.batch_size
         model.eval()
-        self.taps = Taps(model, self.p.layers, cfg.data.image_size)
+        self.taps = Taps(model, self.protocol.layers, cfg.data.image_size)
         self.data = build_data(probe_data_config(cfg), env, None, log.info, log.tty)
         torch.manual_seed(cfg.train.seed)
         self.heads = ProbeHeads(list(self.taps.dims.values()), len(self.data.train.classes),
-                                self.p.batch_norm).to(env.device)
-        self.ddp = self.heads
-        if env.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.heads, device_ids=[env.device] if env.device.type == "cuda" else None)
-        self.opt = torch.optim.SGD(self.heads.parameters(), lr=self.p.lr, momentum=self.p.momentum,
-                                   weight_decay=self.p.weight_decay)
-        self.progress = ProbeProgress(loss=[0.0] * len(self.p.layers), source={
-            "pretrain_step": step, "arch": cfg.model.arch, **{k: getattr(self.p, k) for k in FIXED}})
+                                self.protocol.batch_norm).to(env.device)
+        self.forward = dist.data_parallel(self.heads, env)
+        self.opt = torch.optim.SGD(self.heads.parameters(), lr=self.protocol.lr, momentum=self.protocol.momentum,
+                                   weight_decay=self.protocol.weight_decay)
+        self.progress = ProbeProgress(loss=[0.0] * len(self.protocol.layers), source={
+            "pretrain_step": step, "arch": cfg.model.arch, **{k: getattr(self.protocol, k) for k in FIXED}})
         self.owners = {"heads": self.heads, "optimizer": self.opt, "progress": self.progress, "log": log}
         self.autocast = env.device.type == "cuda" and cfg.train.precision != "fp32"
         self.dtype = next(model.parameters()).dtype
@@ -111,10 +111,13 @@ class Prober:
 
     # ------------------------------------------------------------------ the loop
 
+    def lr_at(self, epoch: int) -> float:
+        return step_lr(self.protocol.lr, epoch, self.protocol.lr_decay_epochs, self.protocol.lr_gamma)
+
     def run(self) -> dict | None:
         p = self.progress
-        self.clock = (time.time(), p.seconds)
-        while p.epoch < self.p.epochs:
+        self.start_clock()
+        while p.epoch < self.protocol.epochs:
             if not self.train_epoch():
                 return None
             self.end_of_epoch()
@@ -122,50 +125,45 @@ class Prober:
 
     def train_epoch(self) -> bool:
         p, env = self.progress, self.env
-        lr = lr_at(self.p, p.epoch)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        self.set_lr(self.lr_at(p.epoch))
         steps = self.data.steps(0, p.epoch)
-        self.ddp.train()
-        loss_sum = torch.zeros(len(self.taps.layers), dtype=torch.float64, device=env.device)
-        bar = self.log.bar(steps - p.step, f"probe epoch {p.epoch}")
-        t0, start = time.time(), p.step
-        for batch in self.data.batches(0, p.epoch, p.step):
-            if self.stop is not None and self.stop.requested():
-                bar.close()
-                # every rank's partial sum, saved as a per-rank share: the epoch's closing
-                # all-reduce adds each rank's new sum to it once per rank
-                partial = dist.all_reduce(loss_sum.clone()).cpu() / env.world
-                p.loss = (torch.tensor(p.loss, dtype=torch.float64) + partial).tolist()
-                self.save(f"e{p.epoch}-s{p.step}")
-                self.log.info(f"probes stopped by signal {self.stop.signum} at epoch {p.epoch} step {p.step}: "
-                              "checkpoint saved; run the same command again to continue")
-                return False
-            feats = self.taps(batch.images.to(self.dtype), self.autocast)
-            labels = batch.labels.to(env.device)
-            losses = [F.cross_entropy(logits, labels) for logits in self.ddp(feats)]
-            self.opt.zero_grad(set_to_none=True)
-            torch.stack(losses).sum().backward()
-            self.opt.step()
-            loss_sum += torch.stack([l.detach() for l in losses]).double()
-            p.step, p.global_step = p.step + 1, p.global_step + 1
-            bar.update()
-        bar.close()
-        total = dist.all_reduce(loss_sum + torch.tensor(p.loss, dtype=torch.float64, device=env.device)).cpu()
+        self.forward.train()
+        zero = torch.zeros(len(self.taps.layers), dtype=torch.float64, device=env.device)
+        done = self.run_steps(self.data.batches(0, p.epoch, p.step), steps, f"probe epoch {p.epoch}",
+                              self.step, zero)
+        if done is None:
+            return False
+        total = dist.all_reduce(done.loss_sum + torch.tensor(p.loss, dtype=torch.float64, device=env.device)).cpu()
         self.epoch_loss = (total / max(steps * env.world, 1)).tolist()
-        secs = time.time() - t0
-        self.epoch_rate = (p.step - start) * self.p.batch_size / max(secs, 1e-9)
+        self.epoch_rate = done.images_per_s
         p.loss = [0.0] * len(p.loss)
         return True
 
+    def step(self, batch) -> torch.Tensor:
+        feats = self.taps(batch.images.to(self.dtype), self.autocast)
+        labels = batch.labels.to(self.env.device)
+        losses = [F.cross_entropy(logits, labels) for logits in self.forward(feats)]
+        self.opt.zero_grad(set_to_none=True)
+        torch.stack(losses).sum().backward()
+        self.opt.step()
+        return torch.stack([l.detach() for l in losses]).double()
+
+    def interrupted(self, loss_sum: torch.Tensor) -> tuple[str, str, str]:
+        # every rank's partial sum, saved as a per-rank share: the epoch's closing
+        # all-reduce adds each rank's new sum to it once per rank
+        p = self.progress
+        partial = dist.all_reduce(loss_sum.clone()).cpu() / self.env.world
+        p.loss = (torch.tensor(p.loss, dtype=torch.float64) + partial).tolist()
+        return f"e{p.epoch}-s{p.step}", f"epoch {p.epoch} step {p.step}", "run the same command again to continue"
+
     def end_of_epoch(self) -> None:
         p, layers = self.progress, self.taps.layers
-        last = p.epoch + 1 == self.p.epochs
-        ten = self.p.ten_crop and last
+        last = p.epoch + 1 == self.protocol.epochs
+        ten = self.protocol.ten_crop and last
         bar = self.log.bar(len(self.data.test) // self.env.world, "probe test")
         scores = evaluate(self.heads, self.taps, self.data, self.env, ten, self.autocast, bar)
         bar.close()
-        lr = lr_at(self.p, p.epoch)
+        lr = self.lr_at(p.epoch)
         row = {"epoch": p.epoch, "lr": lr, "crop": "ten" if ten else "centre",
                "layers": {n: {"top1": t1, "top5": t5, "loss": loss}
                           for n, (t1, t5), loss in zip(layers, scores, self.epoch_loss)}}
@@ -177,13 +175,7 @@ class Prober:
         self.log.event(event="probe", epoch=row["epoch"], step=step, lr=lr, images_per_s=self.epoch_rate,
                        **{f"{n}_{k}": v for n, r in row["layers"].items() for k, v in r.items()})
         self.write_outputs(finished=False, image_step=step)
-        self.save(f"e{p.epoch}")
-
-    def save(self, name: str) -> None:
-        start, before = self.clock
-        self.progress.seconds = before + time.time() - start
-        path = checkpoint.save(self.ckpt_root, name, self.owners, keep=2)
-        self.log.info(f"probe checkpoint {path}")
+        self.save(f"e{p.epoch}", self.checkpoint_word)
 
     def finish(self) -> dict:
         results = self.write_outputs(finished=True)
@@ -207,16 +199,13 @@ class Prober:
                                 "dim": t.dim, "shape": list(t.shape), "pool": repr(t.pool)} for t in self.taps.taps},
             "knn_top1": knn1, "knn_top5": knn5,
             "note": "top-1/top-5 (%) of the last epoch on the test split, never the best over epochs",
-            "protocol": asdict(self.p), "history": p.history, "seconds": p.seconds,
+            "protocol": asdict(self.protocol), "history": p.history, "seconds": p.seconds,
         }
         if self.env.is_main and last:
             from ..plots import probe_chart
             files.write_text(self.dir / "probes.json", json.dumps(results, indent=2))
-            title = f"{cfg.name}: linear probes ({cfg.model.arch}, epoch {p.epoch}/{self.p.epochs})"
+            title = f"{cfg.name}: linear probes ({cfg.model.arch}, epoch {p.epoch}/{self.protocol.epochs})"
             chart = probe_chart(self.dir / "probes.png", {n: r["top1"] for n, r in last.items()}, knn1, title)
             if image_step is not None:
                 self.log.image("probe/chart", chart, image_step)
         return results
-
-
-# ---------------------------------------------------------------------- command line

@@ -157,10 +157,6 @@ class ProbeProgress:
             setattr(self, k, v)
 
 
-def lr_at(p, epoch: int) -> float:
-    return p.lr * p.lr_gamma ** sum(epoch >= d for d in p.lr_decay_epochs)
-
-
 class ProbeHeads(nn.Module):
     """One head per tapped layer: BatchNorm without affine (optional), then a linear classifier.
     The heads share nothing, so summing their losses trains each on its own gradient. The BN's

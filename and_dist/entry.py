@@ -1,0 +1,70 @@
+"""The shape every entry point shares (train, probe, evaluate): the process group, rank 0
+deciding what all ranks do, the run directory's lock, and one exit status for every way it ends.
+
+Exit status: 0 done; 2 a user error (one line, before work starts where possible); 128 + N when
+signal N stopped the work after a checkpoint; 1 anything else (one line per failing rank, the
+traceback in the run's errors.log)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import dist, rundir
+from .errors import EXIT_USER_ERROR, UserError, exit_status
+
+
+def main_decides(env, decide: Callable, share: bool = True):
+    """`decide()` on rank 0 only. Its UserError stops every rank with the same line instead of
+    leaving the others waiting; its result reaches every rank when `share` (else rank 0 only)."""
+    answer = ("ok", None)
+    if env.is_main:
+        try:
+            answer = ("ok", decide())
+        except (UserError, FileNotFoundError) as e:
+            answer = ("error", str(e))
+    kind, value = dist.broadcast_object(answer if share or answer[0] == "error" else ("ok", None))
+    if kind == "error":
+        raise UserError(value)
+    return value if share else (answer[1] if env.is_main else None)
+
+
+class Session:
+    """One process's part of an entry point: `Session(device).run(body)` calls `body(session)`
+    inside the process group and turns how it ended into the exit status."""
+
+    def __init__(self, device: str):
+        self.device, self.env, self.locked = device, None, []
+
+    def lock(self, run: Path) -> Path:
+        """Hold `run` for this job (rank 0 takes the lock file; a live holder is a UserError)."""
+        main_decides(self.env, lambda: rundir.acquire(run))
+        self.locked.append(run)
+        return run
+
+    def run(self, body: Callable[["Session"], int]) -> int:
+        try:
+            self.env = dist.init(self.device)
+        except UserError as e:                   # before any process group: each rank says it
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        try:
+            return body(self)
+        except Exception as e:  # noqa: BLE001 - see errors.exit_status
+            return exit_status(e, self.env, self.locked[0] if self.locked else None)
+        finally:
+            if self.env.is_main:
+                for run in self.locked:
+                    rundir.release(run)
+            dist.shutdown()
+
+
+def user_error_exit(fn: Callable, *args):
+    """`fn(*args)`, or exit 2 with one line (on rank 0) for a UserError before any process group."""
+    import os
+    try:
+        return fn(*args)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
