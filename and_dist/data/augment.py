@@ -23,7 +23,7 @@ _LUMA = (0.299, 0.587, 0.114)
 _CROP_TRIES = 10
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
+def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1]."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
@@ -43,7 +43,7 @@ def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor,
     return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (mean, std))
 
 
-def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     m, s = _stats(tuple(mean), tuple(std), x.device)
     return (x - m.to(x.dtype)) / s.to(x.dtype)
 
@@ -151,8 +151,11 @@ def pick_jitter(device: torch.device, compiled: bool):
     return jitter_compiled if compiled else jitter_masked
 
 
-class TrainAugment:
-    """RandomResizedCrop -> ColorJitter -> RandomGrayscale -> RandomHorizontalFlip -> Normalize."""
+class Augment:
+    """The paper's random augmentation as one draw for a whole global batch: RandomResizedCrop
+    boxes (each from its own image size), ColorJitter factors and order, RandomGrayscale and
+    RandomHorizontalFlip; applied by TrainAugment (in-memory images) and stream.StreamAugment
+    (crops decoded from files)."""
 
     def __init__(self, size: int, crop_scale=(0.2, 1.0), jitter: float = 0.4, grayscale_p: float = 0.2,
                  flip: bool = True, mean=CIFAR_MEAN, std=CIFAR_STD, ratio=(3 / 4, 4 / 3), compiled: bool = True):
@@ -160,42 +163,67 @@ class TrainAugment:
         self.jitter, self.grayscale_p, self.flip = float(jitter), float(grayscale_p), flip
         self.mean, self.std, self.compiled = tuple(mean), tuple(std), compiled
 
-    def draw(self, total: int, height: int, width: int, generator: torch.Generator) -> dict:
-        """All random parameters of `total` samples, drawn on the CPU (`generator` must be a CPU one)
-        in a fixed order, so they depend only on the generator state, `total` and the image size."""
-        g = generator
+    def draw_boxes(self, hw: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Crop boxes (total, 4: top, left, height, width; float64) and colour draws (factors,
+        order, gray, flip) of `total` images of sizes `hw` (total, 2), drawn on the CPU
+        (`generator` must be a CPU one) in a fixed order: they depend only on the generator
+        state and the image sizes."""
+        g, total = generator, len(hw)
+        height, width = hw[:, :1].double(), hw[:, 1:].double()
         # RandomResizedCrop: 10 candidate (area, log-ratio) per sample, the first that fits wins.
-        area = height * width * torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(*self.crop_scale, generator=g)
+        area = height * width * torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
+            *self.crop_scale, generator=g)
         log_r = torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
             math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
         pos = torch.rand(total, 2, dtype=torch.float64, generator=g)
         j = self.jitter
         factors = torch.empty(total, 4, dtype=torch.float64).uniform_(max(0.0, 1 - j), 1 + j, generator=g)
-        hue = torch.empty(total, dtype=torch.float64).uniform_(-min(j, 0.5), min(j, 0.5), generator=g)
+        factors[:, 3] = torch.empty(total, dtype=torch.float64).uniform_(-min(j, 0.5), min(j, 0.5), generator=g)
         order = torch.rand(total, 4, generator=g).argsort(1)            # per-sample order of the colour ops
         gray = torch.rand(total, generator=g) < self.grayscale_p
-        flip = torch.rand(total, generator=g) < 0.5
+        flip = (torch.rand(total, generator=g) < 0.5) & self.flip
 
         w = torch.round(torch.sqrt(area * torch.exp(log_r)))
         h = torch.round(torch.sqrt(area / torch.exp(log_r)))
         ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
         first = ok.to(torch.int8).argmax(1, keepdim=True)              # first fitting try (0 if none)
         w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-        # Fallback like torchvision: centre crop of the whole image, ratio clamped to the range.
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            fw, fh = width, round(width / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            fw, fh = round(height * self.ratio[1]), height
-        else:
-            fw, fh = width, height
+        height, width = height[:, 0], width[:, 0]
+        # No try fits: torchvision's fallback, the centred whole image with its ratio clamped.
+        ratio = width / height
+        fw = torch.where(ratio > self.ratio[1], torch.round(height * self.ratio[1]), width)
+        fh = torch.where(ratio < self.ratio[0], torch.round(width / self.ratio[0]), height)
         none = ~ok.any(1)
-        w, h = torch.where(none, float(fw), w), torch.where(none, float(fh), h)
+        w, h = torch.where(none, fw, w), torch.where(none, fh, h)
         top = torch.where(none, (height - h) // 2, torch.floor(pos[:, 0] * (height - h + 1)))
         left = torch.where(none, (width - w) // 2, torch.floor(pos[:, 1] * (width - w + 1)))
-        factors[:, 3] = hue
-        return dict(top=top, left=left, h=h, w=w, factors=factors, order=order, gray=gray,
-                    flip=flip & self.flip)
+        return torch.stack([top, left, h, w], 1), dict(factors=factors, order=order, gray=gray, flip=flip)
+
+    def colour(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        """ColorJitter then RandomGrayscale on float (b, 3, S, S) images, with this batch's draws
+        (still on the CPU: moved without a device sync)."""
+        dev, b = x.device, len(x)
+        if self.jitter > 0:
+            factors = to_device(p["factors"].float(), dev).view(b, 4, 1, 1, 1)
+            x = pick_jitter(dev, self.compiled)(x, factors, to_device(p["order"], dev))
+        if p["gray"].any():
+            x = torch.where(to_device(p["gray"], dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.mean, self.std)
+
+
+class TrainAugment(Augment):
+    """RandomResizedCrop -> ColorJitter -> RandomGrayscale -> RandomHorizontalFlip -> Normalize on
+    a batch of equally sized uint8 images; crop, resize and flip are one grid_sample."""
+
+    def draw(self, total: int, height: int, width: int, generator: torch.Generator) -> dict:
+        """All random parameters of `total` samples of one image size."""
+        hw = torch.tensor([[height, width]]).expand(total, 2)
+        boxes, colour = self.draw_boxes(hw, generator)
+        top, left, h, w = boxes.unbind(1)
+        return dict(top=top, left=left, h=h, w=w, **colour)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator, offset: int = 0,
                  total: int | None = None) -> torch.Tensor:
@@ -215,14 +243,8 @@ class TrainAugment:
         zero = torch.zeros_like(sx)
         theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
         grid = F.affine_grid(to_device(theta.float(), dev), [b, 3, self.size, self.size], align_corners=False)
-        x = F.grid_sample(_to_float(images), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-        if self.jitter > 0:
-            factors = to_device(p["factors"].float(), dev).view(b, 4, 1, 1, 1)
-            x = pick_jitter(dev, self.compiled)(x, factors, to_device(p["order"], dev))   # moved outside any compiled region
-        if p["gray"].any():
-            x = torch.where(to_device(p["gray"], dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
-        return _normalize(x, self.mean, self.std)
+        x = F.grid_sample(to_float(images), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return self.normalize(self.colour(x, p))
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -257,4 +279,4 @@ class TestTransform:
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return _normalize(resize_center_crop(_to_float(images), self.size), self.mean, self.std)
+        return normalize(resize_center_crop(to_float(images), self.size), self.mean, self.std)

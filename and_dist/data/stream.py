@@ -13,13 +13,12 @@ Streamed images are normalised with the ImageNet mean/std.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .augment import _CROP_TRIES, _normalize, _to_float, grayscale, pick_jitter, to_device
+from .augment import Augment, normalize, to_device, to_float
 from .base import Batch
 from .index import FileIndex
 from .sampler import augment_generator, global_batches, rank_slice
@@ -38,62 +37,25 @@ class StepPlan:
     colour: dict             # this rank's rows of the colour, grayscale and flip draws
 
 
-class StreamAugment:
-    """RandomResizedCrop boxes per sample (each from its own image size), then ColorJitter ->
-    RandomGrayscale -> RandomHorizontalFlip -> Normalize batched on already cropped images: the
-    distribution of augment.TrainAugment (torchvision's), for images of different sizes."""
+class StreamAugment(Augment):
+    """Augment for images of different sizes: crop boxes drawn per image (the decoder crops and
+    resizes), then ColorJitter -> RandomGrayscale -> RandomHorizontalFlip -> Normalize batched on
+    the decoded crops: the distribution of TrainAugment (torchvision's)."""
 
-    def __init__(self, size: int, crop_scale=(0.2, 1.0), jitter: float = 0.4, grayscale_p: float = 0.2,
-                 flip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, ratio=(3 / 4, 4 / 3), compiled: bool = True):
-        self.size, self.crop_scale, self.ratio = size, tuple(crop_scale), tuple(ratio)
-        self.jitter, self.grayscale_p, self.flip = float(jitter), float(grayscale_p), flip
-        self.mean, self.std, self.compiled = tuple(mean), tuple(std), compiled
+    def __init__(self, *args, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+        super().__init__(*args, mean=mean, std=std, **kwargs)
 
     def draw(self, hw: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Crop boxes (total, 4) and colour draws of `total` images of sizes `hw` (total, 2)."""
-        g, total = generator, len(hw)
-        height, width = hw[:, :1].double(), hw[:, 1:].double()
-        area = height * width * torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
-            *self.crop_scale, generator=g)
-        log_r = torch.empty(total, _CROP_TRIES, dtype=torch.float64).uniform_(
-            math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
-        pos = torch.rand(total, 2, dtype=torch.float64, generator=g)
-        j = self.jitter
-        factors = torch.empty(total, 4, dtype=torch.float64).uniform_(max(0.0, 1 - j), 1 + j, generator=g)
-        factors[:, 3] = torch.empty(total, dtype=torch.float64).uniform_(-min(j, 0.5), min(j, 0.5), generator=g)
-        order = torch.rand(total, 4, generator=g).argsort(1)            # per-sample order of the colour ops
-        gray = torch.rand(total, generator=g) < self.grayscale_p
-        flip = (torch.rand(total, generator=g) < 0.5) & self.flip
-
-        w = torch.round(torch.sqrt(area * torch.exp(log_r)))
-        h = torch.round(torch.sqrt(area / torch.exp(log_r)))
-        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = ok.to(torch.int8).argmax(1, keepdim=True)              # first fitting try
-        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-        height, width = height[:, 0], width[:, 0]
-        # No try fits: torchvision's fallback, the centred whole image with its ratio clamped.
-        ratio = width / height
-        fw = torch.where(ratio > self.ratio[1], torch.round(height * self.ratio[1]), width)
-        fh = torch.where(ratio < self.ratio[0], torch.round(width / self.ratio[0]), height)
-        none = ~ok.any(1)
-        w, h = torch.where(none, fw, w), torch.where(none, fh, h)
-        top = torch.where(none, (height - h) // 2, torch.floor(pos[:, 0] * (height - h + 1)))
-        left = torch.where(none, (width - w) // 2, torch.floor(pos[:, 1] * (width - w + 1)))
-        boxes = torch.stack([top, left, h, w], 1).long()
-        return boxes, dict(factors=factors, order=order, gray=gray, flip=flip)
+        """Crop boxes (total, 4) int64 and colour draws of `total` images of sizes `hw` (total, 2)."""
+        boxes, colour = self.draw_boxes(hw, generator)
+        return boxes.long(), colour
 
     def __call__(self, images: torch.Tensor, p: dict) -> torch.Tensor:
         """uint8 (b, S, S, 3) crops on the device -> float (b, 3, S, S) augmented and normalised."""
-        dev, b = images.device, len(images)
-        x = _to_float(images)
-        if self.jitter > 0:
-            factors = to_device(p["factors"].float(), dev).view(b, 4, 1, 1, 1)
-            x = pick_jitter(dev, self.compiled)(x, factors, to_device(p["order"], dev))   # moved outside any compiled region
-        if p["gray"].any():                        # the draws live on the CPU: no device sync
-            x = torch.where(to_device(p["gray"], dev).view(b, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
-        if p["flip"].any():
-            x = torch.where(to_device(p["flip"], dev).view(b, 1, 1, 1), x.flip(-1), x)
-        return _normalize(x, self.mean, self.std)
+        x = self.colour(to_float(images), p)
+        if p["flip"].any():                        # the draws live on the CPU: no device sync
+            x = torch.where(to_device(p["flip"], x.device).view(len(x), 1, 1, 1), x.flip(-1), x)
+        return self.normalize(x)
 
 
 def eval_resize(cfg) -> int:
@@ -145,7 +107,7 @@ class StreamData:
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         chunks = [list(range(a, min(a + self.eval_batch, hi))) for a in range(lo, hi, self.eval_batch)]
         for images in self._decode_eval(self.index[split], chunks):
-            yield _normalize(_to_float(images.to(self.env.device, non_blocking=True)), IMAGENET_MEAN, IMAGENET_STD)
+            yield normalize(to_float(images.to(self.env.device, non_blocking=True)), IMAGENET_MEAN, IMAGENET_STD)
 
     def pictures(self, index: torch.Tensor) -> torch.Tensor:
         ids = index.tolist()
