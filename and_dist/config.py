@@ -1,9 +1,11 @@
 """The run configuration: its schema (defaults = the paper's CIFAR setting), YAML file +
 dotted `a.b=value` overrides, and validation before any work starts.
 
-Parsing and type checking are generic (typed.py), so adding a section or a field is one line;
-choices come from the registries (data sources, architectures). Mistakes fail early with a
-one-line message naming the key (exit status 2).
+Parsing and type checking are generic (typed.py), so adding a section or a field is one line
+with its help; choices come from the modules that own them (data sources and loaders,
+architectures, kernels). Mistakes, invalid combinations included, fail before any work with a
+one-line message naming the key (exit status 2). `python -m and_dist.config` prints the key
+table the README carries.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from pathlib import Path
 import yaml
 
 from . import files
-from .data import MAX_CACHED_SIZE, SOURCES, check_root
+from .data import LOADERS, MAX_CACHED_SIZE, SOURCES, check_root
 from .errors import UserError
+from .method.attention import KERNELS as BANK_KERNELS
+from .method.curriculum import METHODS
+from .method.discovery import BACKENDS, KERNELS, PRECISIONS, check_choice
 from .models import ARCHS
 from .typed import (AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, PROBABILITY, SCALE_RANGE,
                     ConfigError, apply_override, check_fields, describe, merge, opt, yaml_load)
@@ -28,138 +33,161 @@ __all__ = ["Config", "ConfigError", "load_config", "parse_args", "config_or_exit
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-# ----- schema (defaults = the paper's CIFAR setting)
+# ----- schema (defaults = the paper's CIFAR setting; every field's help feeds the README's table)
 
 AUTO_OR_POSITIVE = ("must be 'auto' or a positive integer", lambda v: v == "auto" or (type(v) is int and v > 0))
 
+
 @dataclass
 class DataConfig:
-    source: str = opt("demo", choices=SOURCES)
-    loader: str = opt("cached", choices=("cached", "dali", "torch"))  # cached: decoded in memory (<= 96 px)
-    root: str = ""
-    download: bool = False
-    image_size: int = opt(32, check=POSITIVE)  # images are decoded once into a uint8 cache at this size
-    cache_dir: str = ""  # "" -> <run dir>/../.cache (resolved by the trainer)
-    flip: bool = True
-    crop_scale: list[float] = opt([0.2, 1.0], check=SCALE_RANGE)
-    jitter: float = opt(0.4, check=NON_NEGATIVE)
-    grayscale_p: float = opt(0.2, check=PROBABILITY)
-    workers: int = opt(2, check=NON_NEGATIVE)  # decode threads
-    prefetch: int = opt(2, check=NON_NEGATIVE)  # in-memory data: batches built ahead on a worker thread; 0 = in the step
-    compile_augment: bool = True  # CUDA: colour jitter as a few fused kernels (torch.compile), eager if that fails
-    eval_resize: int = opt(0, check=NON_NEGATIVE)  # streamed eval: shorter side before the centre crop; 0 = image_size*256/224
-    demo_train: int = opt(5000, check=POSITIVE)
-    demo_test: int = opt(1000, check=POSITIVE)
-    demo_seed: int = 0
+    source: str = opt("demo", "where images come from: the embedded demo set, an ImageFolder tree, or official "
+                      "CIFAR/SVHN files", choices=SOURCES)
+    loader: str = opt("cached", "cached: decoded once into memory (up to 96 px); dali, torch: streamed from files "
+                      "(NVIDIA DALI or PIL workers)", choices=LOADERS)
+    root: str = opt("", "the data set's folder (stored absolute); unused by the demo source")
+    download: bool = opt(False, "CIFAR/SVHN: download the official files into root if missing")
+    image_size: int = opt(32, "training and evaluation side in pixels (cached images are decoded once at it)",
+                          check=POSITIVE)
+    cache_dir: str = opt("", "decoded-image and file-index caches; \"\" = <out_dir>/.cache, shared by all runs")
+    flip: bool = opt(True, "RandomHorizontalFlip")
+    crop_scale: list[float] = opt([0.2, 1.0], "RandomResizedCrop area range", check=SCALE_RANGE)
+    jitter: float = opt(0.4, "ColorJitter strength (brightness, contrast, saturation; hue min(j, 0.5))",
+                        check=NON_NEGATIVE)
+    grayscale_p: float = opt(0.2, "RandomGrayscale probability", check=PROBABILITY)
+    workers: int = opt(2, "decode threads (file checks, DALI) or DataLoader worker processes (torch loader)",
+                       check=NON_NEGATIVE)
+    prefetch: int = opt(2, "in-memory data: batches built ahead on a worker thread; 0 = in the step",
+                        check=NON_NEGATIVE)
+    compile_augment: bool = opt(True, "CUDA: colour jitter as a few fused kernels (torch.compile), eager if "
+                                "that fails")
+    eval_resize: int = opt(0, "streamed evaluation: shorter side before the centre crop; 0 = image_size x 256/224",
+                           check=NON_NEGATIVE)
+    demo_train: int = opt(5000, "demo source: train images generated", check=POSITIVE)
+    demo_test: int = opt(1000, "demo source: test images generated", check=POSITIVE)
+    demo_seed: int = opt(0, "demo source: the generator's seed")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("resnet18_cifar", choices=ARCHS)
-    low_dim: int = opt(128, check=POSITIVE)
-    sync_bn: bool = False
+    arch: str = opt("resnet18_cifar", "the backbone", choices=ARCHS)
+    low_dim: int = opt(128, "embedding size (the bank's width)", check=POSITIVE)
+    sync_bn: bool = opt(False, "batch-norm statistics over the global batch (any backend), so W ranks train what "
+                        "one process would")
 
 
 @dataclass
 class BankConfig:
-    temperature: float = opt(0.1, check=POSITIVE)
-    momentum: float = opt(0.5, check=MOMENTUM)
-    kernel: str = opt("auto", choices=("auto", "exact", "attention"))  # loss normaliser; auto: attention on CUDA
+    temperature: float = opt(0.1, "softmax temperature of the non-parametric classifier", check=POSITIVE)
+    momentum: float = opt(0.5, "bank update v <- normalise(m v + (1 - m) f)", check=MOMENTUM)
+    kernel: str = opt("auto", "the loss normaliser's per-shard part; auto: attention on CUDA, exact on CPU",
+                      choices=BANK_KERNELS)
 
 
 @dataclass
 class CurriculumConfig:
-    rounds: int = opt(5, check=AT_LEAST_ONE)
-    method: str = opt("and", choices=("and", "instance"))  # instance: same budget, no anchors (baseline)
-    anchor_rate: float = opt(0.25, check=FRACTION)
-    neighbours: int = opt(1, check=AT_LEAST_ONE)
+    rounds: int = opt(5, "rounds of training; discovery before each round after the first", check=AT_LEAST_ONE)
+    method: str = opt("and", "and: anchors from discovery; instance: the same budget without anchors (baseline)",
+                      choices=METHODS)
+    anchor_rate: float = opt(0.25, "fraction of samples added as anchors each round", check=FRACTION)
+    neighbours: int = opt(1, "an anchor's nearest neighbours taken as positives", check=AT_LEAST_ONE)
 
 
 @dataclass
 class DiscoveryConfig:
-    backend: str = opt("torch", choices=("torch", "faiss"))  # kNN search of the exact/attention kernels
-    chunk: int | str = opt("auto", check=AUTO_OR_POSITIVE)  # rows per similarity block; auto: from free memory
-    kernel: str = opt("auto", choices=("auto", "exact", "attention", "fused"))  # auto: fused on CUDA, else exact
-    precision: str = opt("auto", choices=("auto", "fp32", "bf16x3", "bf16"))  # auto: bf16x3 (fused), fp32
+    backend: str = opt("torch", "nearest-neighbour search of the exact/attention kernels", choices=BACKENDS)
+    chunk: int | str = opt("auto", "bank rows per similarity block; auto: sized from free memory",
+                           check=AUTO_OR_POSITIVE)
+    kernel: str = opt("auto", "entropy + neighbours; auto: fused on CUDA with Triton (attention with faiss), "
+                      "else exact", choices=KERNELS)
+    precision: str = opt("auto", "similarities; auto: bf16x3 with the fused kernel (fp32-accurate), else fp32",
+                         choices=PRECISIONS)
 
 
 @dataclass
 class TrainConfig:
-    epochs_per_round: int = opt(200, check=AT_LEAST_ONE)
-    batch_size: int = opt(128, check=POSITIVE)  # global batch (per-rank batch x world)
-    lr: float = opt(0.03, check=POSITIVE)
-    momentum: float = opt(0.9, check=MOMENTUM)
-    nesterov: bool = True
-    weight_decay: float = opt(5e-4, check=NON_NEGATIVE)
-    schedule: str = opt("step", choices=("step", "cosine"))
-    lr_first_decay: int = opt(80, check=NON_NEGATIVE)
-    lr_decay_every: int = opt(40, check=AT_LEAST_ONE)
-    lr_gamma: float = opt(0.1, check=FRACTION)
-    seed: int = 0
-    deterministic: bool = False  # deterministic kernels (CUDA: where torch has them, a warning where not)
-    dtype: str = opt("float32", choices=("float32", "float64"))  # float64: bit-stable equivalence checks
-    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
-    threads: int = opt(0, check=NON_NEGATIVE)  # torch intra-op threads, 0 = torch default
-    precision: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the model
+    epochs_per_round: int = opt(200, "epochs in each round", check=AT_LEAST_ONE)
+    batch_size: int = opt(128, "global batch (per-rank batch x world)", check=POSITIVE)
+    lr: float = opt(0.03, "learning rate at the start of every round", check=POSITIVE)
+    momentum: float = opt(0.9, "SGD momentum", check=MOMENTUM)
+    nesterov: bool = opt(True, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay", check=NON_NEGATIVE)
+    schedule: str = opt("step", "step: x lr_gamma at lr_first_decay, then every lr_decay_every epochs; cosine: "
+                        "over the round", choices=("step", "cosine"))
+    lr_first_decay: int = opt(80, "step schedule: epoch of the first decay", check=NON_NEGATIVE)
+    lr_decay_every: int = opt(40, "step schedule: epochs between later decays", check=AT_LEAST_ONE)
+    lr_gamma: float = opt(0.1, "step schedule: factor of each decay", check=FRACTION)
+    seed: int = opt(0, "the seed of the model, the bank, the data order and the augmentation")
+    deterministic: bool = opt(False, "deterministic kernels (CUDA: where torch has them, a warning where not)")
+    dtype: str = opt("float32", "parameters and bank; float64 for bit-stable equivalence checks",
+                     choices=("float32", "float64"))
+    device: str = opt("auto", "auto: CUDA when there is a GPU, else CPU", choices=("auto", "cpu", "cuda"))
+    threads: int = opt(0, "torch intra-op threads; 0 = torch's default", check=NON_NEGATIVE)
+    precision: str = opt("auto", "the model's forward; auto: bf16 autocast on CUDA, fp32 on CPU",
+                         choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile the model")
 
 
 @dataclass
 class EvalConfig:
-    knn_k: int = opt(200, check=AT_LEAST_ONE)
-    knn_sigma: float = opt(0.1, check=POSITIVE)
-    every_epochs: int = opt(1, check=NON_NEGATIVE)  # 0 = never per epoch
+    knn_k: int = opt(200, "weighted kNN: neighbours that vote", check=AT_LEAST_ONE)
+    knn_sigma: float = opt(0.1, "weighted kNN: temperature of the votes exp(s / sigma)", check=POSITIVE)
+    every_epochs: int = opt(1, "bank kNN every this many epochs; 0 = never (the round-end kNN always runs)",
+                            check=NON_NEGATIVE)
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: int = opt(1, check=NON_NEGATIVE)  # 0 = only at the end
-    keep: int = opt(2, check=AT_LEAST_ONE)
+    every_epochs: int = opt(1, "checkpoint every this many epochs; 0 = only at round ends and signals",
+                            check=NON_NEGATIVE)
+    keep: int = opt(2, "checkpoints kept (the newest)", check=AT_LEAST_ONE)
 
 
 @dataclass
 class LogConfig:
-    progress: bool = True  # progress bars, on a terminal only; in a file one line per epoch
-    every_steps: int = opt(10, check=AT_LEAST_ONE)  # step lines in metrics.jsonl
-    wandb_mode: str = opt("disabled", choices=("online", "offline", "disabled"))
-    wandb_project: str = "and_dist"
-    wandb_entity: str = ""
+    progress: bool = opt(True, "progress bars on a terminal; in a log file a line a minute for long steps")
+    every_steps: int = opt(10, "a step line in metrics.jsonl every this many steps", check=AT_LEAST_ONE)
+    wandb_mode: str = opt("disabled", "wandb: online (falls back to offline), offline, or disabled",
+                          choices=("online", "offline", "disabled"))
+    wandb_project: str = opt("and_dist", "wandb project")
+    wandb_entity: str = opt("", "wandb entity (team); \"\" = your default")
 
 
 @dataclass
 class ProbeConfig:
     """Linear probes on frozen layers (the ImageNet AlexNet protocol of Wu et al. 2018 / AND)."""
-    layers: list[str] = opt(["conv1", "conv2", "conv3", "conv4", "conv5"])
-    epochs: int = opt(30, check=AT_LEAST_ONE)
-    lr: float = opt(0.01, check=POSITIVE)
-    batch_size: int = opt(256, check=POSITIVE)  # global
-    momentum: float = opt(0.9, check=MOMENTUM)
-    weight_decay: float = opt(5e-4, check=NON_NEGATIVE)
-    lr_decay_epochs: list[int] = opt([10, 20])
-    lr_gamma: float = opt(0.1, check=FRACTION)
-    crop_scale: list[float] = opt([0.08, 1.0], check=SCALE_RANGE)  # RandomResizedCrop area of probe training images
-    batch_norm: bool = True  # BatchNorm without affine before each linear layer
-    ten_crop: bool = False
-    after_train: bool = False  # run the probes right after pretraining, in the same job
+    layers: list[str] = opt(["conv1", "conv2", "conv3", "conv4", "conv5"],
+                            "frozen layers probed (AlexNet conv1..conv5, ResNet layer1..layer4)")
+    epochs: int = opt(30, "probe training epochs", check=AT_LEAST_ONE)
+    lr: float = opt(0.01, "probe SGD learning rate", check=POSITIVE)
+    batch_size: int = opt(256, "probe global batch", check=POSITIVE)
+    momentum: float = opt(0.9, "probe SGD momentum", check=MOMENTUM)
+    weight_decay: float = opt(5e-4, "probe SGD weight decay", check=NON_NEGATIVE)
+    lr_decay_epochs: list[int] = opt([10, 20], "epochs where the probe lr is multiplied by lr_gamma")
+    lr_gamma: float = opt(0.1, "probe lr decay factor", check=FRACTION)
+    crop_scale: list[float] = opt([0.08, 1.0], "RandomResizedCrop area range of probe training images",
+                                  check=SCALE_RANGE)
+    batch_norm: bool = opt(True, "BatchNorm without affine before each linear layer")
+    ten_crop: bool = opt(False, "score the last epoch with ten crops instead of the centre crop")
+    after_train: bool = opt(False, "run the probes right after pretraining, in the same job")
 
 
 @dataclass
 class SlurmConfig:
     """Defaults for launch/slurm.py; its command-line flags win."""
-    nodes: int = opt(1, check=AT_LEAST_ONE)
-    gpus_per_node: int = opt(0, check=NON_NEGATIVE)
-    tasks_per_node: int = opt(1, check=AT_LEAST_ONE)  # CPU partitions; with GPUs one task per GPU
-    cpus_per_task: int = opt(8, check=AT_LEAST_ONE)
-    mem: str = ""  # e.g. 64G; "" = the partition's default
-    partition: str = ""
-    time: int = opt(4320, check=AT_LEAST_ONE)  # minutes
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    exclude: str = ""
-    job_name: str = ""  # "" = the run name
-    max_requeues: int = opt(20, check=NON_NEGATIVE)
-    folder: str = ""  # submitit logs; "" = <out_dir>/<name>/slurm
+    nodes: int = opt(1, "nodes", check=AT_LEAST_ONE)
+    gpus_per_node: int = opt(0, "GPUs per node (one task each); 0 = a CPU job", check=NON_NEGATIVE)
+    tasks_per_node: int = opt(1, "tasks per node of a CPU job (with GPUs: one per GPU)", check=AT_LEAST_ONE)
+    cpus_per_task: int = opt(8, "CPUs per task", check=AT_LEAST_ONE)
+    mem: str = opt("", "memory per node, e.g. 64G; \"\" = the partition's default")
+    partition: str = opt("", "partition; \"\" = the cluster's default")
+    time: int = opt(4320, "time limit in minutes (capped at the partition's)", check=AT_LEAST_ONE)
+    account: str = opt("", "account to charge")
+    qos: str = opt("", "quality of service")
+    constraint: str = opt("", "node features (--constraint)")
+    exclude: str = opt("", "nodes to avoid (--exclude)")
+    job_name: str = opt("", "job name; \"\" = the run name")
+    max_requeues: int = opt(20, "requeues after preemption or the time limit", check=NON_NEGATIVE)
+    folder: str = opt("", "submitit logs; \"\" = <out_dir>/<name>/slurm")
 
 
 @dataclass
@@ -175,10 +203,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    out_dir: str = "~/and_dist_runs"
-    name: str = ""  # run name; "" -> the config file's stem; fresh runs go to out_dir/name/<time>
-    run_dir: str = ""  # an explicit run directory, used as given (the SLURM launcher sets it)
-    resume: str = ""  # "" (fresh), "auto" (latest run of this name, or run_dir), or a checkpoint path
+    out_dir: str = opt("~/and_dist_runs", "where runs go: out_dir/name/<YYYYmmdd-HHMMSS>")
+    name: str = opt("", "run name; \"\" = the config file's stem")
+    run_dir: str = opt("", "an explicit run directory, used as given (the SLURM launcher sets it)")
+    resume: str = opt("", "\"\" (fresh), auto (the latest run of this name, or run_dir), or a checkpoint path")
 
 
 # ----- validation (runs before any work starts)
@@ -192,6 +220,15 @@ def validate(cfg: Config, check_data: bool = True) -> None:
             check_root(cfg.data.source, cfg.data.root, cfg.data.download)
         except UserError as e:
             raise ConfigError(str(e)) from None
+    d = cfg.data
+    if d.loader != "cached" and d.source != "imagefolder":
+        raise ConfigError(f"data.loader={d.loader} streams an ImageFolder tree (data.source=imagefolder); "
+                          f"data.source={d.source} is read into memory: use data.loader=cached")
+    try:
+        c = cfg.discovery
+        check_choice(c.kernel, c.precision, c.backend, "cpu" if cfg.train.device == "cpu" else "")
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     if cfg.run_dir and cfg.resume not in ("", "auto"):
         raise ConfigError("run_dir with a checkpoint path in resume: use resume=auto to continue run_dir's run")
     if cfg.data.loader == "cached" and cfg.data.image_size > MAX_CACHED_SIZE:
@@ -263,6 +300,23 @@ def config_or_exit(argv: list[str] | None = None) -> Config:
     return user_error_exit(parse_args, argv)
 
 
+def key_table(obj=None, prefix: str = "") -> str:
+    """The README's key table (markdown), one row per config key, from the schema's helps."""
+    from dataclasses import fields, is_dataclass
+    obj = Config() if obj is None else obj
+    rows = [] if prefix else ["| key | default | what it does |", "| --- | --- | --- |"]
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            rows.append(key_table(value, f"{prefix}{f.name}."))
+            continue
+        choices = f.metadata.get("choices")
+        text = f.metadata.get("help", "") + (f" (one of {', '.join(choices)})" if choices else "")
+        default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append(f"| `{prefix}{f.name}` | `{default}` | {text.replace('<', '&lt;')} |")
+    return "\n".join(rows)
+
+
 def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 
@@ -280,3 +334,23 @@ def config_from_dict(d: dict) -> Config:
     merge(cfg, d)
     check_fields(cfg)
     return cfg
+
+
+TABLE_START, TABLE_END = "<!-- key table: python -m and_dist.config --write README.md -->", "<!-- end of key table -->"
+
+
+def readme_with_table(text: str) -> str:
+    """`text` (the README) with the key table between its markers regenerated."""
+    head, sep, rest = text.partition(TABLE_START)
+    _, sep2, tail = rest.partition(TABLE_END)
+    if not (sep and sep2):
+        raise ValueError(f"the README has no key-table markers ({TABLE_START} ... {TABLE_END})")
+    return f"{head}{TABLE_START}\n{key_table()}\n{TABLE_END}{tail}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--write"]:
+        readme = Path(sys.argv[2])
+        readme.write_text(readme_with_table(readme.read_text()))
+    else:
+        print(key_table())

@@ -12,9 +12,10 @@ from .folder import tree_classes
 from .official import REQUIRED as OFFICIAL_FILES, load_official
 
 SOURCES = ("demo", "imagefolder", "cifar10", "cifar100", "svhn")
+LOADERS = ("cached", "dali", "torch")   # cached: decoded in memory; dali, torch: streamed from files
 MAX_CACHED_SIZE = 96  # beyond this a decoded uint8 copy of a large data set no longer fits in memory
 
-__all__ = ["SOURCES", "Batch", "SplitInfo", "TrainData", "ImageSet", "build_data", "load_datasets", "check_root"]
+__all__ = ["SOURCES", "LOADERS", "Batch", "SplitInfo", "TrainData", "ImageSet", "build_data", "load_datasets", "check_root"]
 
 
 def check_root(source: str, root: str, download: bool) -> None:
@@ -77,9 +78,6 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
     checked file lists of train and test (index.py, cached), decoded per step. `verify`: stat
     every file against the cached list (rank 0 does; the others read what it just checked)."""
     d = cfg.data
-    if d.source != "imagefolder":
-        raise UserError(f"data.loader={d.loader} streams an ImageFolder tree (data.source=imagefolder); "
-                        f"data.source={d.source} is read into memory: use data.loader=cached")
     if d.loader == "dali":
         try:
             import nvidia.dali  # noqa: F401
