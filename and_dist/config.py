@@ -40,6 +40,7 @@ AUTO_OR_POSITIVE = ("must be 'auto' or a positive integer", lambda v: v == "auto
 
 @dataclass
 class DataConfig:
+    """Where images come from and how they are augmented."""
     source: str = opt("demo", "where images come from: the embedded demo set, an ImageFolder tree, or official "
                       "CIFAR/SVHN files", choices=SOURCES)
     loader: str = opt("cached", "cached: decoded once into memory (up to 96 px); dali, torch: streamed from files "
@@ -69,6 +70,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The backbone and its embedding."""
     arch: str = opt("resnet18_cifar", "the backbone", choices=ARCHS)
     low_dim: int = opt(128, "embedding size (the bank's width)", check=POSITIVE)
     sync_bn: bool = opt(False, "batch-norm statistics over the global batch (any backend), so W ranks train what "
@@ -77,6 +79,7 @@ class ModelConfig:
 
 @dataclass
 class BankConfig:
+    """The memory bank and its non-parametric softmax."""
     temperature: float = opt(0.1, "softmax temperature of the non-parametric classifier", check=POSITIVE)
     momentum: float = opt(0.5, "bank update v <- normalise(m v + (1 - m) f)", check=MOMENTUM)
     kernel: str = opt("auto", "the loss normaliser's per-shard part; auto: attention on CUDA, exact on CPU",
@@ -85,6 +88,7 @@ class BankConfig:
 
 @dataclass
 class CurriculumConfig:
+    """Rounds and anchors (AND's progressive neighbourhood curriculum)."""
     rounds: int = opt(5, "rounds of training; discovery before each round after the first", check=AT_LEAST_ONE)
     method: str = opt("and", "and: anchors from discovery; instance: the same budget without anchors (baseline)",
                       choices=METHODS)
@@ -94,6 +98,7 @@ class CurriculumConfig:
 
 @dataclass
 class DiscoveryConfig:
+    """How entropies and nearest neighbours of the whole bank are computed."""
     backend: str = opt("torch", "nearest-neighbour search of the exact/attention kernels", choices=BACKENDS)
     chunk: int | str = opt("auto", "bank rows per similarity block; auto: sized from free memory",
                            check=AUTO_OR_POSITIVE)
@@ -105,6 +110,8 @@ class DiscoveryConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimiser, its schedule, and how the model runs."""
+    seed: int = opt(0, "the seed of the model, the bank, the data order and the augmentation")
     epochs_per_round: int = opt(200, "epochs in each round", check=AT_LEAST_ONE)
     batch_size: int = opt(128, "global batch (per-rank batch x world)", check=POSITIVE)
     lr: float = opt(0.03, "learning rate at the start of every round", check=POSITIVE)
@@ -116,7 +123,6 @@ class TrainConfig:
     lr_first_decay: int = opt(80, "step schedule: epoch of the first decay", check=NON_NEGATIVE)
     lr_decay_every: int = opt(40, "step schedule: epochs between later decays", check=AT_LEAST_ONE)
     lr_gamma: float = opt(0.1, "step schedule: factor of each decay", check=FRACTION)
-    seed: int = opt(0, "the seed of the model, the bank, the data order and the augmentation")
     deterministic: bool = opt(False, "deterministic kernels (CUDA: where torch has them, a warning where not)")
     dtype: str = opt("float32", "parameters and bank; float64 for bit-stable equivalence checks",
                      choices=("float32", "float64"))
@@ -129,6 +135,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The weighted kNN evaluation."""
     knn_k: int = opt(200, "weighted kNN: neighbours that vote", check=AT_LEAST_ONE)
     knn_sigma: float = opt(0.1, "weighted kNN: temperature of the votes exp(s / sigma)", check=POSITIVE)
     every_epochs: int = opt(1, "bank kNN every this many epochs; 0 = never (the round-end kNN always runs)",
@@ -137,6 +144,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
     every_epochs: int = opt(1, "checkpoint every this many epochs; 0 = only at round ends and signals",
                             check=NON_NEGATIVE)
     keep: int = opt(2, "checkpoints kept (the newest)", check=AT_LEAST_ONE)
@@ -144,6 +152,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """Console, metrics.jsonl and wandb."""
     progress: bool = opt(True, "progress bars on a terminal; in a log file a line a minute for long steps")
     every_steps: int = opt(10, "a step line in metrics.jsonl every this many steps", check=AT_LEAST_ONE)
     wandb_mode: str = opt("disabled", "wandb: online (falls back to offline), offline, or disabled",

@@ -15,12 +15,12 @@ from tqdm import tqdm
 from . import files
 
 
-class _NoBar:
+class NoBar:
     def update(self, n=1): pass
     def close(self): pass
 
 
-class _LineBar(_NoBar):
+class _LineBar(NoBar):
     """Progress for a log file: one line every `every` seconds, only for steps that take longer
     (discovery, feature extraction of a large set), never redraws."""
 
@@ -112,7 +112,7 @@ class RunLog:
 
     def bar(self, total: int, desc: str, leave: bool = False):
         if not self.tty:
-            return _LineBar(total, desc, self.info) if self.enabled else _NoBar()
+            return _LineBar(total, desc, self.info) if self.enabled else NoBar()
         return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr)
 
     # checkpoint owner

@@ -2,7 +2,7 @@
 
 Only the network's forward runs in bf16 (autocast keeps its reductions, e.g. BatchNorm and the
 L2 norm, in float32); the features it hands to the AND loss are float32, and the memory bank, the
-loss normaliser and the optimizer state stay float32 as before. `train.precision=auto` is bf16
+loss normaliser and the optimizer state stay float32. `train.precision=auto` is bf16
 on CUDA (tensor cores) and float32 on CPU, where bf16 is slower and only adds rounding.
 """
 from __future__ import annotations

@@ -9,12 +9,12 @@ from .log import fmt, strict
 
 
 class Report:
-    def __init__(self, run_dir: Path, log, enabled: bool, pictures: bool = True):
-        self.dir, self.log, self.enabled, self.pictures = run_dir, log, enabled, pictures
+    def __init__(self, run_dir: Path, log, enabled: bool):
+        self.dir, self.log, self.enabled = run_dir, log, enabled
 
     def discovery(self, round_: int, curriculum, data, step: int) -> None:
         """Anchors with their neighbours, and the entropy histogram with the anchor cut-off."""
-        if not (self.enabled and self.pictures):
+        if not self.enabled:
             return
         from . import plots
         nb = curriculum.nbhd
@@ -27,7 +27,7 @@ class Report:
                 self.log.image(key, path, step)
 
     def rounds(self, rows: list[dict], step: int) -> None:
-        if not (self.enabled and self.pictures):
+        if not self.enabled:
             return
         from . import plots
         path = plots.rounds_chart(self.dir / "rounds.png", rows)

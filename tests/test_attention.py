@@ -3,12 +3,12 @@
 kernels, memory-aware chunks; on CUDA (when present) the GPU kernels too."""
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import WORKERS, free_port
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +20,7 @@ from and_dist.method.discovery import discover
 from and_dist.method.loss import shard_terms
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(WORKERS))
 from attention_worker import loss_and_grad, problem  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -44,11 +44,6 @@ def test_attention_normaliser_and_mean_row(dtype, block):
     assert (out - logits.softmax(1) @ rows.double()).abs().max() < TOL[dtype]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module", params=["float64", "float32"])
 def single(request):
@@ -71,7 +66,7 @@ def test_split_kv_over_ranks_matches_one_process(single, tmp_path, world):
     dtype, r = single
     out = tmp_path / "r.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", str(HERE / "attention_worker.py"), dtype, str(out)]
+           f"--master_port={free_port()}", str(WORKERS / "attention_worker.py"), dtype, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout

@@ -1,4 +1,4 @@
-"""Tests for and_dist.data, and_dist.demo_data and and_dist.augment (small generated inputs only)."""
+"""and_dist.data: sources, the in-memory and streamed loaders, augmentation (small generated inputs only)."""
 import colorsys
 import io
 import os

@@ -2,13 +2,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import WORKERS, free_port
 import torch
 
 from and_dist.method.bank import ShardedBank
@@ -19,15 +19,10 @@ HERE = Path(__file__).parent
 REPO = HERE.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def torchrun(world: int, args: list[str], timeout: float = 300, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", *args]
+           f"--master_port={free_port()}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **popen)
@@ -143,7 +138,7 @@ def test_interrupt_and_resume_across_world_sizes(reference, tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_discovery_equals_single_process(tmp_path, world):
     out = tmp_path / "d.pt"
-    code, log = finish(torchrun(world, [str(HERE / "dist_worker.py"), "discovery", str(out)]))
+    code, log = finish(torchrun(world, [str(WORKERS / "dist_worker.py"), "discovery", str(out)]))
     assert code == 0, log
     ref = discover(ShardedBank(701, 16, temperature=0.1, seed=5), k=3, chunk=50)
     for backend, (entropy, neighbours) in torch.load(out, weights_only=True).items():
@@ -157,7 +152,7 @@ def test_sharded_discovery_equals_single_process(tmp_path, world):
 
 def test_sharded_knn_equals_single_process(tmp_path):
     out = tmp_path / "k.pt"
-    code, log = finish(torchrun(3, [str(HERE / "dist_worker.py"), "knn", str(out)]))
+    code, log = finish(torchrun(3, [str(WORKERS / "dist_worker.py"), "knn", str(out)]))
     assert code == 0, log
     import torch.nn.functional as F
     from and_dist.eval.knn import knn_accuracy
@@ -171,7 +166,7 @@ def test_sharded_knn_equals_single_process(tmp_path):
 
 def test_a_failing_rank_brings_the_job_down(tmp_path):
     t0 = time.time()
-    code, log = finish(torchrun(2, [str(HERE / "dist_worker.py"), "fail", str(tmp_path / "x")]), timeout=120)
+    code, log = finish(torchrun(2, [str(WORKERS / "dist_worker.py"), "fail", str(tmp_path / "x")]), timeout=120)
     assert code != 0
     assert "injected failure on rank 1" in log
     assert time.time() - t0 < 100

@@ -4,7 +4,6 @@ SIGTERM mid-probe resumed to the uninterrupted result."""
 import json
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 import torch
 from PIL import Image
 
@@ -199,11 +199,6 @@ def test_after_train_probes_stopped_and_resumed_keep_every_probe_line(pretrained
     assert json.loads((run / "probes.json").read_text())["finished"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_train_the_same_probes_as_one(pretrained, tmp_path):
     """The heads' BN statistics and gradient span the global batch: the split across ranks does
@@ -214,7 +209,7 @@ def test_two_ranks_train_the_same_probes_as_one(pretrained, tmp_path):
     assert probe("--checkpoint", str(one), *args).returncode == 0
     two = copy_run(pretrained, tmp_path, "two")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", "-m", "and_dist.probe", "--checkpoint", str(two),
+                           f"--master_port={free_port()}", "-m", "and_dist.probe", "--checkpoint", str(two),
                            *args], cwd=REPO, text=True, capture_output=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 rank(s)" in proc.stdout

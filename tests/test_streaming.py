@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 import torch
 from PIL import Image
 
@@ -273,7 +273,7 @@ def test_the_imagenet_config_pretrains_then_probes_every_conv_layer(tree, tmp_pa
     after (probe.after_train), with probes.json, the per-layer PNG and the offline wandb run."""
     run = tmp_path / "inet"
     head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-            f"--master_port={_free_port()}"] if ranks > 1 else [sys.executable]
+            f"--master_port={free_port()}"] if ranks > 1 else [sys.executable]
     args = ["--config", "imagenet_alexnet", f"data.root={tree}", f"data.loader={loader}", "data.image_size=64",
             "data.workers=1", "train.batch_size=12", "train.epochs_per_round=1", "curriculum.rounds=1",
             "eval.knn_k=5", "probe.epochs=1", "probe.batch_size=12", "log.wandb_mode=offline",
@@ -288,11 +288,6 @@ def test_the_imagenet_config_pretrains_then_probes_every_conv_layer(tree, tmp_pa
 
 
 # ------------------------------------------------------------------------------- 2 ranks, torchrun
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(root: str, out: str, cache: str) -> None:
@@ -310,7 +305,7 @@ def _worker(root: str, out: str, cache: str) -> None:
 
 def test_two_ranks_cover_every_index_once_per_epoch_with_both_loaders(tree, tmp_path):
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            __file__, str(tree), str(tmp_path), str(cache)]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, text=True, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import dist, memory
+from ..log import NoBar
 
 
 @torch.no_grad()
@@ -52,22 +53,17 @@ def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats:
     return 100.0 * correct1 / n, 100.0 * correct5 / n
 
 
-class _Silent:
-    def update(self, n=1): pass
-    def close(self): pass
-
-
 def knn_eval(model, data, env, k: int, sigma: float, train_feats: torch.Tensor | None = None,
-             dtype: torch.dtype = torch.float32, bar=None, autocast: bool = False) -> tuple[float, float]:
+             dtype: torch.dtype = torch.float32, bar=None) -> tuple[float, float]:
     """kNN top-1/top-5 (%) of the test split against this rank's slice of train features: the bank
     rows if given, else recomputed with the test transform. Test features are computed shard by
     shard and shared; train features stay sharded. `bar(total, desc)` makes a progress bar."""
     from .features import extract
-    bar = bar or (lambda total, desc: _Silent())
+    bar = bar or (lambda total, desc: NoBar())
 
     def features(split: str, lo: int, hi: int) -> torch.Tensor:
         b = bar(hi - lo, f"{split} features")
-        out = extract(model, data.eval_images(split, lo, hi), dtype, b.update, autocast=autocast)
+        out = extract(model, data.eval_images(split, lo, hi), dtype, b.update)
         b.close()
         return out
 

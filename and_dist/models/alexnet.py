@@ -10,7 +10,6 @@ import torch.nn as nn
 from ..errors import UserError
 from .init import init_weights
 
-CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1, pad: int = 0) -> nn.Sequential:

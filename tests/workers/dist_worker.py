@@ -1,4 +1,4 @@
-"""Worker for the multi-process tests, run as `torchrun ... tests/dist_worker.py MODE OUT`.
+"""Worker for the multi-process tests, run as `torchrun ... tests/workers/dist_worker.py MODE OUT`.
 
 Modes: `discovery` (sharded discovery, both backends), `knn` (sharded kNN), `fail` (rank 1 raises
 while rank 0 waits in a collective). Rank 0 saves what it computed to OUT for the test to compare.

@@ -1,4 +1,4 @@
-"""Worker for tests/test_attention.py, run as `torchrun ... tests/attention_worker.py DTYPE OUT`.
+"""Worker for tests/test_attention.py, run as `torchrun ... tests/workers/attention_worker.py DTYPE OUT`.
 
 Each rank holds a slice of one bank; the AND loss and gradient of a global batch are computed with
 the exact per-shard maths and with the attention kernel, both combined across ranks (split-KV);
