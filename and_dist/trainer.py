@@ -19,6 +19,7 @@ from .report import round_table
 from .method.discovery import discover
 from .method.attention import select_shard_fn
 from .method.loss import and_loss
+from .step_timer import StepTimer, describe
 
 
 def lr_at(cfg, epoch: int) -> float:
@@ -86,7 +87,8 @@ class Trainer:
         self.ddp.train()
         bar = self.log.bar(steps - p.step, f"round {p.round} epoch {p.epoch}")
         t0, start, loss_sum = time.time(), p.step, torch.zeros((), dtype=torch.float64, device=self.env.device)
-        for batch in self.data.batches(p.round, p.epoch, p.step):
+        timer = StepTimer(self.env.device)
+        for batch in timer.batches(self.data.batches(p.round, p.epoch, p.step)):
             if self.stop.requested():
                 bar.close()
                 p.epoch_loss += loss_sum.item()
@@ -103,13 +105,14 @@ class Trainer:
                                loss=loss.item(), lr=lr)
         bar.close()
         p.epoch_loss += loss_sum.item()
+        split = timer.split()
         secs = time.time() - t0
         rate = (p.step - start) * cfg.train.batch_size / max(secs, 1e-9)
         eta = secs / max(p.step - start, 1) * steps * (cfg.train.epochs_per_round - p.epoch - 1)
         self.log.info(f"round {p.round} epoch {p.epoch}: loss {p.epoch_loss / steps:.4f} lr {lr:.4g} "
-                      f"{rate:.0f} img/s, round ETA {eta / 60:.1f} min")
+                      f"{rate:.0f} img/s, {describe(split)}, round ETA {eta / 60:.1f} min")
         self.log.event(event="epoch", round=p.round, epoch=p.epoch, step=p.global_step,
-                       loss=p.epoch_loss / steps, lr=lr, seconds=secs, images_per_s=rate)
+                       loss=p.epoch_loss / steps, lr=lr, seconds=secs, images_per_s=rate, **split)
         p.epoch_loss = 0.0
         return True
 
