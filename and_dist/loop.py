@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .step_timer import StepTimer
 
 
 def step_lr(base: float, epoch: int, milestones, gamma: float) -> float:
@@ -29,6 +30,7 @@ class EpochDone:
     steps: int
     seconds: float
     images_per_s: float
+    split: dict                 # ms per step waiting for data and computing (step_timer.StepTimer.split)
 
     def eta(self, steps_per_epoch: int, epochs_left: int) -> float:
         """Seconds for `epochs_left` more epochs at this epoch's pace."""
@@ -72,9 +74,9 @@ class Loop:
         `steps`; None when a signal stopped it, after the checkpoint."""
         p = self.progress
         bar = self.log.bar(steps - p.step, desc)
-        t0, start = time.time(), p.step
+        t0, start, timer = time.time(), p.step, StepTimer(loss_sum.device)
         try:
-            for batch in batches:
+            for batch in timer.batches(batches):
                 if self.stop is not None and self.stop.requested():
                     name, where, again = self.interrupted(loss_sum)
                     bar.close()
@@ -88,8 +90,8 @@ class Loop:
                 self.after_step()
         finally:
             bar.close()
-        secs = time.time() - t0
-        return EpochDone(loss_sum, p.step - start, secs, (p.step - start) * self.batch_size / max(secs, 1e-9))
+        secs, split = time.time() - t0, timer.split()     # the timer syncs once, at the epoch's end
+        return EpochDone(loss_sum, p.step - start, secs, (p.step - start) * self.batch_size / max(secs, 1e-9), split)
 
     label = ""                        # "probes " in the probe loop's lines
     checkpoint_word = "checkpoint"

@@ -23,6 +23,7 @@ from .method.discovery import discover
 from .method.attention import select_shard_fn
 from .method.loss import and_loss
 from .state import Progress
+from .step_timer import describe
 from .stop import Stop
 
 
@@ -111,9 +112,9 @@ class Trainer(Loop):
         p.epoch_loss += done.loss_sum.item()
         eta = done.eta(steps, cfg.train.epochs_per_round - p.epoch - 1)
         self.log.info(f"round {p.round} epoch {p.epoch}: loss {p.epoch_loss / steps:.4f} lr {self.lr:.4g} "
-                      f"{done.images_per_s:.0f} img/s, round ETA {eta / 60:.1f} min")
-        self.log.event(event="epoch", round=p.round, epoch=p.epoch, step=p.global_step,
-                       loss=p.epoch_loss / steps, lr=self.lr, seconds=done.seconds, images_per_s=done.images_per_s)
+                      f"{done.images_per_s:.0f} img/s, {describe(done.split)}, round ETA {eta / 60:.1f} min")
+        self.log.event(event="epoch", round=p.round, epoch=p.epoch, step=p.global_step, loss=p.epoch_loss / steps,
+                       lr=self.lr, seconds=done.seconds, images_per_s=done.images_per_s, **done.split)
         p.epoch_loss = 0.0
         return True
 

@@ -189,7 +189,7 @@ def parent(args) -> None:
 
 # ------------------------------------------------------------- one device: fast vs exact vs released
 
-def single(args) -> None:
+def single(args) -> list[dict]:
     """One process on --device: the bank step with the attention fast path, with the exact path
     and with the released code's replicated softmax (full logits + autograd), on one structured
     bank; time per step, peak memory beyond the bank, and agreement with the exact path."""
@@ -227,6 +227,7 @@ def single(args) -> None:
                     for e in prof.key_averages())
         return total / steps / 1e3
     print(head + "\n" + "-" * len(head))
+    rows = []
     for n in args.sizes:
         g = torch.Generator(device=dev).manual_seed(1)
         anchor = torch.rand(n, generator=g, device=dev) < 0.25
@@ -282,6 +283,8 @@ def single(args) -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
         ex = results["exact"]
         for name, (ms, gms, peak, losses, grad) in results.items():
+            rows.append({"n": n, "method": name, "ms": ms, "gpu_ms": gms, "peak_bytes": peak,
+                         "dloss": (losses - ex[3]).abs().max().item(), "dgrad": (grad - ex[4]).abs().max().item()})
             print(f"{n:>8} {name:<10} {ms:>8.3f} {ex[0] / ms:>8.2f} {gms:>8.3f} {ex[1] / gms:>8.2f} "
                   f"{peak / MiB:>9.1f} {(losses - ex[3]).abs().max().item():>8.1e} "
                   f"{(grad - ex[4]).abs().max().item():>8.1e}", flush=True)
@@ -289,6 +292,7 @@ def single(args) -> None:
           "(host-bound when small); GPU ms: kernel time per step (profiler); x exact = exact / this; "
           "peak = device memory beyond the bank during one step; |dloss|, |dgrad| = max difference from "
           "the exact path on the same first step (released: the plain replicated softmax, mean loss).")
+    return rows
 
 
 def main() -> None:

@@ -185,7 +185,7 @@ def released(rows, k: int, count: int, T: float, loop_sample: int):
     return entropy.double().cpu(), anchors.cpu(), neighbours.cpu(), mask.cpu(), t1 - t0 + loop
 
 
-def single(args) -> None:
+def single(args) -> list[dict]:
     """One process on --device: each discovery kernel against the exact path and the released
     algorithm, on a structured bank (and a random one): seconds, peak memory beyond the bank and
     agreement with the exact path (anchors at rate x round, neighbours, entropy)."""
@@ -212,6 +212,7 @@ def single(args) -> None:
     head = (f"{'N':>8} {'bank':<10} {'method':<16} {'seconds':>8} {'x exact':>8} {'peak MiB':>9} "
             f"{'anchors=':>9} {'nbrs=':>8} {'anc nbrs=':>9} {'max |dH|':>9}")
     print(head + "\n" + "-" * len(head), flush=True)
+    out = []
     for n in args.sizes:
         for kind in args.banks:
             bank = ShardedBank(n, args.dim, temperature=0.1, device=dev)
@@ -235,6 +236,10 @@ def single(args) -> None:
             for method, (secs, peak, h, nbrs, mask) in runs.items():
                 both = mask & ex[4]
                 same_nbr = (nbrs == ex[3]).all(1)
+                out.append({"n": n, "bank": kind, "method": method, "seconds": secs, "peak_bytes": peak,
+                            "anchors_equal": both.sum().item() / max(count, 1),
+                            "anchor_nbrs_equal": same_nbr[both].double().mean().item(),
+                            "max_dh": (h - ex[2]).abs().max().item()})
                 print(f"{n:>8} {kind:<10} {method:<16} {secs:>8.2f} {ex[0] / secs:>8.2f} {peak / MiB:>9.1f} "
                       f"{both.sum().item() / max(count, 1):>9.5f} "
                       f"{same_nbr.double().mean().item() if method != 'released' else float('nan'):>8.5f} "
@@ -245,6 +250,7 @@ def single(args) -> None:
           "exact path's; anc nbrs= the same over shared anchors (the only neighbours AND uses); "
           "max |dH| = largest entropy difference from the exact path. released: position loop timed on "
           "--loop-sample samples and scaled to N. peak = device memory beyond the bank (CPU: peak RSS growth).")
+    return out
 
 
 def main() -> None:

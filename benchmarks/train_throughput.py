@@ -37,9 +37,13 @@ def synthetic(n: int, size: int, seed: int):
                     torch.randint(0, 10, (n,), generator=g), [str(c) for c in range(10)])
 
 
-def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str, compile_: bool):
+def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str, compile_: bool,
+          root: str = "", workers: int = 8):
+    """The trainer's parts for one case: CachedData over synthetic images, or with `root` (an
+    ImageFolder tree) the torch streaming loader over its JPEGs."""
     from and_dist import dist, precision
     from and_dist.config import Config
+    from and_dist.data import load_streamed
     from and_dist.data.cached import CachedData
     from and_dist.method.bank import ShardedBank
     from and_dist.method.curriculum import Curriculum
@@ -51,7 +55,12 @@ def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str
     cfg.model.arch, cfg.data.image_size, cfg.train.batch_size = arch, size, batch
     cfg.train.precision, cfg.train.compile = precision_, compile_
     env = dist.init(device)
-    data = CachedData(synthetic(n, size, 0), synthetic(64, size, 1), cfg, env)
+    if root:
+        cfg.data.source, cfg.data.loader, cfg.data.root, cfg.data.workers = "imagefolder", "torch", root, workers
+        data = load_streamed(cfg, env, None, log=lambda *a: None, progress=False)
+        n = len(data.train)
+    else:
+        data = CachedData(synthetic(n, size, 0), synthetic(64, size, 1), cfg, env)
     model = build_model(arch, cfg.model.low_dim, size).to(env.device)
     last = precision.set_layout(model, env.device)
     forward = precision.wrap(model, env.device, precision_, last, compile_)
@@ -79,6 +88,63 @@ def syncs_per_step(fn, steps: int = 5) -> tuple[float, str]:
     return len(syncs) / steps, ", ".join(f"{k} x{v / steps:g}" for k, v in where.most_common(8))
 
 
+def endless(data, epoch: int):
+    """The batches of `epoch`, over and over."""
+    while True:
+        yield from data.batches(0, epoch)
+
+
+def run_case(arch: str, size: int, batch: int, n: int, device: str, precision_: str = "auto",
+             compile_: bool = False, prefetch: int = 2, steps: int = 30, syncs: bool = False,
+             root: str = "", warmup: int = 3, workers: int = 8) -> dict:
+    """One case measured: images/s of the trainer (prefetch `prefetch` and 0), of the model's own
+    forward + backward + SGD, of the step on a fixed batch and of the data alone; the trainer's
+    input-stall split (step_timer) and, with `syncs`, host syncs per step."""
+    from and_dist.step_timer import StepTimer
+    cuda = torch.device(device).type == "cuda"
+    n = n if size <= 96 else max(n // 10, 4 * batch)
+    trainer, data, forward, opt, env = build(arch, size, batch, n, device, precision_, compile_, root, workers)
+    timer = StepTimer(env.device)
+    stream = iter(())
+
+    def train_step():
+        nonlocal stream
+        batch_ = next(stream, None)
+        if batch_ is None:
+            stream = iter(timer.batches(data.batches(0, 0)))
+            batch_ = next(stream)
+        return trainer.step(batch_)
+
+    def train_steps(prefetch_: int) -> float:
+        nonlocal stream
+        data.prefetch, stream = prefetch_, iter(())
+        return measure(train_step, steps, cuda, warmup)
+
+    fixed = next(iter(data.batches(0, 1))).images
+
+    def model_step():
+        out = forward(fixed)
+        opt.zero_grad(set_to_none=True)
+        out.sum().backward()
+        opt.step()
+
+    one = next(iter(data.batches(0, 2)))
+    t_model = measure(model_step, steps, cuda, warmup)
+    t_serial = train_steps(0)                                            # batches built in the step
+    timer.split()
+    t_train = train_steps(prefetch)
+    split = timer.split()                                                # warm-up steps included
+    t_fixed = measure(lambda: trainer.step(one), steps, cuda, warmup)   # the step without the data
+    data.prefetch, alone = 0, endless(data, 3)
+    t_data = measure(lambda: next(alone), steps, cuda, warmup)
+    count, where = syncs_per_step(train_step) if syncs else (float("nan"), "")
+    return {"arch": arch, "size": size, "batch": batch, "compile": compile_, "prefetch": prefetch,
+            "trainer": batch / t_train, "model": batch / t_model, "ratio": t_model / t_train,
+            "serial": batch / t_serial, "fixed": batch / t_fixed, "data": batch / t_data,
+            "wait_share": split["data_wait_share"], "wait_ms": split["data_wait_ms"],
+            "step_ms": split["step_ms"], "syncs": count, "where": where}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,44 +170,14 @@ def main() -> None:
     print(head + "\n" + "-" * len(head), flush=True)
     for case in args.cases:
         arch, size, batch = case.split(":")
-        size, batch = int(size), int(batch)
-        n = args.n if size <= 96 else max(args.n // 10, 4 * batch)
-        trainer, data, forward, opt, env = build(arch, size, batch, n, args.device, args.precision, args.compile)
-        stream = iter(())
-
-        def train_step():
-            nonlocal stream
-            batch_ = next(stream, None)
-            if batch_ is None:
-                stream = iter(data.batches(0, 0))
-                batch_ = next(stream)
-            return trainer.step(batch_)
-
-        def train_steps(prefetch: int) -> float:
-            nonlocal stream
-            data.prefetch, stream = prefetch, iter(())
-            return measure(train_step, args.steps, cuda)
-
-        fixed = next(iter(data.batches(0, 1))).images
-
-        def model_step():
-            out = forward(fixed)
-            opt.zero_grad(set_to_none=True)
-            out.sum().backward()
-            opt.step()
-
-        one = next(iter(data.batches(0, 2)))
-        t_model = measure(model_step, args.steps, cuda)
-        t_serial = train_steps(0)                                            # batches built in the step
-        t_train = train_steps(args.prefetch)
-        t_fixed = measure(lambda: trainer.step(one), args.steps, cuda)      # the step without the data
-        t_data = measure(lambda: next(data._build(0, 3, 0)), args.steps, cuda)
-        syncs, where = syncs_per_step(train_step) if cuda else (float("nan"), "")
-        print(f"{arch:<15} {size:>4} {batch:>6} {batch / t_train:>14.0f} {batch / t_model:>12.0f} "
-              f"{t_model / t_train:>13.3f} {syncs:>10.1f}", flush=True)
-        print(f"    prefetch {args.prefetch} against 0: {t_serial / t_train:.2f}x ({batch / t_serial:.0f} img/s "
-              f"without); step on a fixed batch {batch / t_fixed:.0f} img/s, data alone {batch / t_data:.0f} img/s"
-              + (f"; syncs at {where}" if where else ""), flush=True)
+        r = run_case(arch, int(size), int(batch), args.n, args.device, args.precision, args.compile,
+                     args.prefetch, args.steps, syncs=cuda)
+        print(f"{arch:<15} {size:>4} {batch:>6} {r['trainer']:>14.0f} {r['model']:>12.0f} "
+              f"{r['ratio']:>13.3f} {r['syncs']:>10.1f}", flush=True)
+        print(f"    prefetch {args.prefetch} against 0: {r['trainer'] / r['serial']:.2f}x ({r['serial']:.0f} img/s "
+              f"without); step on a fixed batch {r['fixed']:.0f} img/s, data alone {r['data']:.0f} img/s; "
+              f"data wait {100 * r['wait_share']:.0f}% ({r['wait_ms']:.2f} of {r['step_ms']:.2f} ms/step)"
+              + (f"; syncs at {r['where']}" if r['where'] else ""), flush=True)
     print("trainer: Trainer.step on CachedData batches (augmentation, forward, AND loss, backward, SGD, bank "
           "update); model: forward + backward + SGD on one fixed augmented batch, same precision and layout.")
 
