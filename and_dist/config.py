@@ -109,6 +109,8 @@ class EvalConfig:
     knn_k: int = opt(200, check=AT_LEAST_ONE)
     knn_sigma: float = opt(0.1, check=POSITIVE)
     every_epochs: int = opt(1, check=NON_NEGATIVE)  # 0 = never per epoch
+    train_features: str = opt("recompute", "evaluate: kNN train features recomputed with test transforms, or the memory bank",
+                              choices=("recompute", "bank"))
 
 
 @dataclass
