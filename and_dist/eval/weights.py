@@ -51,7 +51,7 @@ def _tensors(obj) -> bool:
 def find_state_dict(obj, trail: str = "") -> tuple[dict | None, str]:
     """The first dict of tensors, looking through the usual wrapper keys; (state dict, its path)."""
     if _tensors(obj):
-        return obj, trail or "the file"
+        return obj, trail or "the top level"
     if isinstance(obj, dict):
         for key in WRAPPERS:
             if isinstance(obj.get(key), dict):
