@@ -88,10 +88,11 @@ def load(args) -> tuple:
     ckpt, weights, chosen = resolve(args.checkpoint)
     if ckpt is not None:
         model, base, ckpt = load_model(ckpt)
+        own = (base.model.arch, base.model.low_dim, base.data.image_size)
         cfg, resume = configure(base, args.config, args.overrides)
-        if (cfg.model.arch, cfg.model.low_dim, cfg.data.image_size) != (base.model.arch, base.model.low_dim, base.data.image_size):
-            raise UserError("model.arch, model.low_dim and data.image_size are the run's own "
-                            f"({base.model.arch}, {base.model.low_dim}, {base.data.image_size} px) when evaluating a run")
+        if (cfg.model.arch, cfg.model.low_dim, cfg.data.image_size) != own:
+            raise UserError("model.arch, model.low_dim and data.image_size stay the run's own "
+                            f"({own[0]}, {own[1]}, {own[2]} px) when evaluating a run")
         return model, None, cfg, resume, run_of(ckpt) / "evaluations", chosen, ckpt
     base = Config()
     base.name = weights.stem

@@ -40,8 +40,11 @@ def read(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a weights file torch.load(weights_only=True) can read ({first})") from None
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        why = next((l for l in lines if "Unsupported" in l), lines[0] if lines else type(e).__name__)
+        why = why.removeprefix("WeightsUnpickler error: ").split(" was not an allowed")[0]
+        raise UserError(f"{path}: torch.load(weights_only=True) cannot read it: not a torch file, or it "
+                        f"pickles objects beyond tensors and plain containers (save a state_dict): {why[:160]}") from None
 
 
 def _tensors(obj) -> bool:
