@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m and_dist.evaluate", description=(
         "kNN and/or linear probes of trained weights, without training. Overrides use YAML values, "
         "e.g. probe.layers=[layer3,layer4] eval.knn_k=200 data.root=/data/cifar"))
-    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("kind", choices=KINDS, help="knn: the weighted kNN; probe: the linear probes; all: both")
     parser.add_argument("--checkpoint", required=True, help="a run directory, a checkpoint directory, a "
                         "run-name directory (its newest run) or a weights file")
     parser.add_argument("--config", default="", help="YAML path or name in configs/ (default: the run's own config)")
