@@ -157,6 +157,9 @@ def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, sour
         torch.set_num_threads(cfg.train.threads)
     record = out / "evaluation.json"
     old = json.loads(record.read_text()) if resuming and record.exists() else {}
+    if old.get("kind", kind) != kind:
+        raise UserError(f"resume=auto continues {out}, whose kind is '{old['kind']}'; ask for "
+                        f"'{old['kind']}' again, or leave resume out for a new evaluation")
     log = RunLog(out, env.is_main, cfg.log.progress, cfg.log.wandb_mode, cfg.log.wandb_project,
                  cfg.log.wandb_entity, to_dict(cfg), f"{cfg.name}-eval-{out.name}")
     log.wandb_id = old.get("wandb_id", log.wandb_id)
