@@ -140,6 +140,8 @@ class EvalConfig:
     knn_sigma: float = opt(0.1, "weighted kNN: temperature of the votes exp(s / sigma)", check=POSITIVE)
     every_epochs: int = opt(1, "bank kNN every this many epochs; 0 = never (the round-end kNN always runs)",
                             check=NON_NEGATIVE)
+    train_features: str = opt("recompute", "evaluate: kNN train features recomputed with test transforms, or the "
+                              "checkpoint's memory bank", choices=("recompute", "bank"))
 
 
 @dataclass

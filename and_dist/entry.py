@@ -6,6 +6,7 @@ signal N stopped the work after a checkpoint; 1 anything else (one line per fail
 traceback in the run's errors.log)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -59,12 +60,16 @@ class Session:
             dist.shutdown()
 
 
+def main_rank() -> bool:
+    """Whether this process is rank 0, before any process group (torchrun's or SLURM's variable)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def user_error_exit(fn: Callable, *args):
     """`fn(*args)`, or exit 2 with one line (on rank 0) for a UserError before any process group."""
-    import os
     try:
         return fn(*args)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if main_rank():
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None

@@ -70,19 +70,38 @@ class RunLog:
         self.wandb_args = (wandb_mode, wandb_project, wandb_entity, config, name)
         self.wandb_id = uuid.uuid4().hex[:8]      # a fresh run's; a resumed run loads its own
         self.wandb = None
+        self.sections: dict[str, tuple[list[str], str]] = {}
 
     @classmethod
-    def for_config(cls, run_dir: Path, enabled: bool, cfg) -> "RunLog":
+    def for_config(cls, run_dir: Path, enabled: bool, cfg, name: str = "") -> "RunLog":
         """The log a run's config asks for (`log` section; wandb gets the whole config)."""
         from dataclasses import asdict
         c = cfg.log
-        return cls(run_dir, enabled, c.progress, c.wandb_mode, c.wandb_project, c.wandb_entity, asdict(cfg), cfg.name)
+        return cls(run_dir, enabled, c.progress, c.wandb_mode, c.wandb_project, c.wandb_entity, asdict(cfg),
+                   name or cfg.name)
 
     def start_wandb(self) -> None:
         """After resume (which may restore the id), so a resumed run continues its wandb run."""
         mode, project, entity, config, name = self.wandb_args
         if self.enabled and mode != "disabled":
             self.wandb = _start_wandb(self.dir, mode, project, entity, config, name, self.wandb_id)
+            for event, (names, step_key) in self.sections.items():
+                self._define(event, names, step_key)
+
+    def group(self, event: str, names: list[str], step_key: str) -> None:
+        """wandb: the fields `<name>_<metric>` of `event` events also go to a section per name
+        (`<event>-<name>/<metric>`, e.g. one section per probed layer), all plotted against the
+        event's own `step_key` field (e.g. the probe epoch) rather than wandb's step."""
+        self.sections[event] = (list(names), step_key)
+        if self.wandb is not None:
+            self._define(event, names, step_key)
+
+    def _define(self, event: str, names: list[str], step_key: str) -> None:
+        x = f"{event}/{step_key}"
+        self.wandb.define_metric(x)
+        self.wandb.define_metric(f"{event}/*", step_metric=x)
+        for name in names:
+            self.wandb.define_metric(f"{event}-{name}/*", step_metric=x)
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -102,13 +121,23 @@ class RunLog:
         if self.wandb is not None:
             step = fields.get("step")
             prefix = fields.get("event", "")
-            self.wandb.log({f"{prefix}/{k}": v for k, v in fields.items()
-                            if isinstance(v, (int, float)) and k != "step"}, step=step)
+            row = {f"{prefix}/{k}": v for k, v in fields.items() if isinstance(v, (int, float)) and k != "step"}
+            for name in self.sections.get(prefix, ([], ""))[0]:
+                row.update({f"{prefix}-{name}/{k[len(name) + 1:]}": v for k, v in fields.items()
+                            if k.startswith(name + "_") and isinstance(v, (int, float))})
+            self.wandb.log(row, step=step)
 
     def image(self, key: str, path: Path, step: int) -> None:
         if self.wandb is not None:
             import wandb
             self.wandb.log({key: wandb.Image(str(path))}, step=step)
+
+    def bar_chart(self, key: str, values: dict[str, float | None], title: str, step: int | None = None) -> None:
+        """One wandb bar chart (a table of name, top-1), e.g. the probe accuracy by layer."""
+        if self.wandb is not None:
+            import wandb
+            table = wandb.Table(columns=["name", "top1"], data=[[k, v] for k, v in values.items() if v is not None])
+            self.wandb.log({key: wandb.plot.bar(table, "name", "top1", title=title)}, step=step)
 
     def bar(self, total: int, desc: str, leave: bool = False):
         if not self.tty:

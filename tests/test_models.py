@@ -12,10 +12,11 @@ SHAPES = [
     ("resnet18", 64, 4),
     ("resnet50", 64, 2),
     ("alexnet_bn", 224, 2),
+    ("alexnet", 64, 2),
     ("convnet_small", 32, 4),
     ("convnet_gn", 32, 4),
 ]
-FEAT_DIM = {"resnet18_cifar": 512, "resnet18": 512, "resnet50": 2048, "alexnet_bn": 4096, "convnet_small": 128, "convnet_gn": 128}
+FEAT_DIM = {"resnet18_cifar": 512, "resnet18": 512, "resnet50": 2048, "alexnet_bn": 4096, "alexnet": 4096, "convnet_small": 128, "convnet_gn": 128}
 
 
 def n_params(m: nn.Module) -> int:

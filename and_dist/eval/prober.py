@@ -36,13 +36,15 @@ def probe_data_config(cfg: Config) -> Config:
 
 
 def run_probes(cfg: Config, env, run_dir: Path, model: nn.Module, log: RunLog, stop: Stop | None = None,
-               step: int = 0) -> dict | None:
-    """Train and score the probes of `model` (frozen, put in eval mode) for `cfg.probe`; outputs in
-    `run_dir`. `step`: the pretraining step of the probed weights (wandb steps continue from it).
-    Returns the probes.json content, or None when `stop` was signalled (after a checkpoint)."""
+               step: int = 0, out_dir: Path | None = None, knn: tuple | None = None) -> dict | None:
+    """Train and score the probes of `model` (frozen, put in eval mode) for `cfg.probe`; outputs and
+    probe checkpoints in `out_dir` (default `run_dir`). `step`: the pretraining step of the probed
+    weights (wandb steps continue from it). `knn`: (top-1, top-5) shown beside the probes, by
+    default the run's final kNN. Returns the probes.json content, or None when `stop` was
+    signalled (after a checkpoint)."""
     was_training, prober = model.training, None
     try:
-        prober = Prober(cfg, env, Path(run_dir), model, log, stop, step)
+        prober = Prober(cfg, env, Path(run_dir), model, log, stop, step, out_dir, knn)
         return prober.run()
     finally:
         if prober is not None:
@@ -72,9 +74,10 @@ def final_knn(run_dir: Path) -> tuple[float | None, float | None]:
 class Prober(Loop):
     label, checkpoint_word = "probes ", "probe checkpoint"
 
-    def __init__(self, cfg, env, run_dir, model, log, stop, step):
-        self.cfg, self.protocol, self.env, self.dir, self.log, self.stop = cfg, cfg.probe, env, run_dir, log, stop
-        self.base_step, self.ckpt_root, self.keep = step, run_dir / "probes" / "checkpoints", 2
+    def __init__(self, cfg, env, run_dir, model, log, stop, step, out_dir=None, knn=None):
+        self.cfg, self.protocol, self.env, self.log, self.stop = cfg, cfg.probe, env, log, stop
+        self.out, self.knn = Path(out_dir or run_dir), knn or final_knn(run_dir)
+        self.base_step, self.ckpt_root, self.keep = step, self.out / "probes" / "checkpoints", 2
         self.batch_size = self.protocol.batch_size
         model.eval()
         self.taps = Taps(model, self.protocol.layers, cfg.data.image_size)
@@ -102,7 +105,7 @@ class Prober(Loop):
         for key, value in self.progress.source.items():      # before any owner takes a state
             if have.get(key) != value:
                 raise UserError(f"{ckpt} holds probes with {key}={have.get(key)!r}, this run asks for "
-                                f"{value!r}; use the same setting or remove {self.dir / 'probes'} to probe again")
+                                f"{value!r}; use the same setting or remove {self.out / 'probes'} to probe again")
         for key, owner in self.owners.items():
             if key in state:                                  # "log" is missing in older ones
                 owner.load_state_dict(state[key])
@@ -181,7 +184,7 @@ class Prober(Loop):
         results = self.write_outputs(finished=True)
         self.log.info("probes done: " + ", ".join(f"{n} top-1 {fmt(r['top1'])} top-5 {fmt(r['top5'])}"
                                                   for n, r in results["layers"].items())
-                      + f"; kNN top-1 {fmt(results['knn_top1'])}  ({self.dir / 'probes.json'})")
+                      + f"; kNN top-1 {fmt(results['knn_top1'])}  ({self.out / 'probes.json'})")
         return results
 
     # ------------------------------------------------------------------ outputs
@@ -190,7 +193,7 @@ class Prober(Loop):
         """probes.json and probes.png (rank 0) from the last scored epoch; the chart also to wandb."""
         p, cfg = self.progress, self.cfg
         last = p.history[-1]["layers"] if p.history else {}
-        knn1, knn5 = final_knn(self.dir)
+        knn1, knn5 = self.knn
         results = {
             "finished": finished, "epochs_done": p.epoch, "pretrain_step": self.base_step,
             "arch": cfg.model.arch, "image_size": cfg.data.image_size, "classes": len(self.data.train.classes),
@@ -203,9 +206,9 @@ class Prober(Loop):
         }
         if self.env.is_main and last:
             from ..plots import probe_chart
-            files.write_text(self.dir / "probes.json", json.dumps(results, indent=2))
+            files.write_text(self.out / "probes.json", json.dumps(results, indent=2))
             title = f"{cfg.name}: linear probes ({cfg.model.arch}, epoch {p.epoch}/{self.protocol.epochs})"
-            chart = probe_chart(self.dir / "probes.png", {n: r["top1"] for n, r in last.items()}, knn1, title)
+            chart = probe_chart(self.out / "probes.png", {n: r["top1"] for n, r in last.items()}, knn1, title)
             if image_step is not None:
                 self.log.image("probe/chart", chart, image_step)
         return results

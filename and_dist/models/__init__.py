@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .alexnet import AlexNetBN
+from .alexnet_tv import TorchvisionAlexNet
 from .convnet import SmallConvNet
 from .global_bn import GlobalBatchNorm, convert_global_bn
 from .resnet import BasicBlock, Bottleneck, ResNetTrunk
@@ -34,6 +35,7 @@ _BUILDERS = {  # name -> (image_size -> backbone)
     "resnet18": lambda size: ResNetTrunk(BasicBlock, [2, 2, 2, 2]),
     "resnet50": lambda size: ResNetTrunk(Bottleneck, [3, 4, 6, 3]),
     "alexnet_bn": lambda size: AlexNetBN(size),
+    "alexnet": lambda size: TorchvisionAlexNet(size),   # torchvision's layout, no batch norm
     "convnet_small": lambda size: SmallConvNet("batch"),
     "convnet_gn": lambda size: SmallConvNet("group"),
 }

@@ -1,0 +1,225 @@
+"""Evaluate trained weights without training: `python -m and_dist.evaluate {knn,probe,all}
+--checkpoint PATH [--config NAME] [key=value ...]` (alone, under torchrun or srun).
+
+PATH is a run directory, a checkpoint directory, a run-name directory (out_dir/name: its newest
+run, as resume=auto picks it) or a weights file (eval/weights.py: torchvision, wrapped, released
+AND). `knn` is the weighted kNN (eval.knn_k, eval.knn_sigma; eval.train_features=bank votes with
+the memory bank instead of recomputed train features), `probe` the linear probes of probe.*
+(and_dist/probe.py), `all` both. A run's own config is the base of --config and the overrides.
+
+Every evaluation gets a new folder, RUN/evaluations/<time> (out_dir/<name>/evaluations/<time>
+for a weights file, name defaulting to the file's stem), so probing again with other settings
+never meets an earlier evaluation's probe checkpoint; `resume=auto` continues the newest one.
+It holds config.yaml, evaluation.json (the table's numbers), metrics.jsonl, probes.json/png and
+the wandb run. Exit 0 when done, 128 + N when signal N stopped the probes (after a checkpoint),
+2 for a user error (one line), 1 for anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, dist, files, rundir
+from .config import Config, save_config
+from .entry import Session, main_decides, main_rank, user_error_exit
+from .errors import UserError
+from .log import RunLog, fmt
+from .stop import Stop
+
+KINDS = ("knn", "probe", "all")
+
+
+# ------------------------------------------------------------------------- what to evaluate
+
+def resolve(text: str) -> tuple[Path | None, Path | None, str]:
+    """(checkpoint directory, weights file, what was chosen) for --checkpoint PATH."""
+    path = Path(text).expanduser().absolute()
+    if path.is_file():
+        if path.name == checkpoint.LATEST:
+            path = path.parent / path.read_text().strip()
+        else:
+            return None, path, f"weights file {path}"
+    if not path.exists():
+        raise UserError(f"--checkpoint {path} does not exist")
+    try:
+        ckpt = checkpoint.resolve(path)
+        return ckpt, None, f"checkpoint {ckpt}"
+    except FileNotFoundError:
+        pass
+    runs = rundir.runs_of(path)
+    for run in reversed(runs):           # the newest run, as resume=auto picks it
+        latest = checkpoint.find_latest(run / "checkpoints")
+        if latest is not None:
+            return latest, None, f"run name {path}: its newest run {run.name} ({len(runs)} in all), checkpoint {latest}"
+        break
+    raise UserError(f"--checkpoint {path}: no checkpoint there (expected a run directory, a checkpoint "
+                    "directory, a run-name directory holding runs, or a weights file)")
+
+
+def run_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def configure(base: Config, config: str, overrides: list[str]) -> tuple[Config, str]:
+    """(config, resume): base <- --config <- overrides; resume is "" or "auto"."""
+    from .probe import configure as merge_config
+    resume = ""
+    rest = []
+    for text in overrides:
+        if text.startswith("resume="):
+            resume = text.split("=", 1)[1]
+        else:
+            rest.append(text)
+    if resume not in ("", "auto"):
+        raise UserError(f"resume={resume!r}: an evaluation continues with resume=auto (its newest evaluation)")
+    cfg = merge_config(base, config, rest)
+    cfg.out_dir = os.path.expanduser(cfg.out_dir)
+    return cfg, resume
+
+
+def load(args) -> tuple:
+    """(model, memory bank or None, cfg, resume, the evaluations folder, source line, checkpoint or None)."""
+    from .eval.pretrained import load_model
+    from .eval.weights import load_weights
+    ckpt, weights, chosen = resolve(args.checkpoint)
+    if ckpt is not None:
+        model, base, ckpt = load_model(ckpt)
+        own = (base.model.arch, base.model.low_dim, base.data.image_size)
+        cfg, resume = configure(base, args.config, args.overrides)
+        if (cfg.model.arch, cfg.model.low_dim, cfg.data.image_size) != own:
+            raise UserError("model.arch, model.low_dim and data.image_size stay the run's own "
+                            f"({own[0]}, {own[1]}, {own[2]} px) when evaluating a run")
+        return model, None, cfg, resume, run_of(ckpt) / "evaluations", chosen, ckpt
+    base = Config()
+    base.name = weights.stem
+    cfg, resume = configure(base, args.config, args.overrides)
+    got = load_weights(weights, cfg.model.low_dim, cfg.data.image_size)
+    cfg.model.arch = got.arch
+    return got.model, got.bank, cfg, resume, Path(cfg.out_dir) / cfg.name / "evaluations", f"{chosen}; {got.what}", None
+
+
+def choose_dir(parent: Path, resume: str) -> tuple[Path, bool]:
+    """A new evaluation folder under `parent`, or with resume=auto its newest one (rank 0)."""
+    try:
+        return rundir.choose(str(parent.parent), parent.name, "", resume)
+    except OSError as e:
+        raise UserError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------ evaluating
+
+def knn(cfg: Config, env, model, log: RunLog, bank, ckpt: Path | None, dtype) -> tuple[float, float]:
+    from .data import build_data
+    from .eval.knn import knn_eval
+    from .eval.weights import run_bank_rows
+    data = build_data(cfg, env, None, log.info, log.tty)
+    feats = None
+    if cfg.eval.train_features == "bank":
+        n = len(data.train)
+        lo, hi = dist.shard_range(n, env.world, env.rank)
+        if bank is not None:
+            if len(bank) != n:
+                raise UserError(f"eval.train_features=bank: the file's memory bank has {len(bank)} rows, "
+                                f"data.source={cfg.data.source} has {n} train images")
+            feats = bank[lo:hi]
+        elif ckpt is not None:
+            feats = run_bank_rows(ckpt, n, lo, hi)
+        if feats is None:
+            raise UserError("eval.train_features=bank: this checkpoint holds no memory bank")
+        feats = feats.to(env.device, dtype)
+    e = cfg.eval
+    return knn_eval(model, data, env, e.knn_k, e.knn_sigma, feats, dtype, log.bar)
+
+
+def table(rows: list[tuple[str, float | None, float | None]]) -> str:
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {'':<{width}}  top-1   top-5"]
+    lines += [f"  {name:<{width}}  {fmt(t1):>5}   {fmt(t5):>5}" for name, t1, t5 in rows]
+    return "\n".join(lines)
+
+
+def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, source: str,
+             ckpt: Path | None, bank, stop: Stop) -> int:
+    from .eval.prober import final_knn, run_probes
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    record = out / "evaluation.json"
+    old = json.loads(record.read_text()) if resuming and record.exists() else {}
+    if old.get("kind", kind) != kind:
+        raise UserError(f"resume=auto continues {out}, whose kind is '{old['kind']}'; ask for "
+                        f"'{old['kind']}' again, or leave resume out for a new evaluation")
+    log = RunLog.for_config(out, env.is_main, cfg, name=f"{cfg.name}-eval-{out.name}")
+    log.wandb_id = old.get("wandb_id", log.wandb_id)
+    step = 0
+    if ckpt is not None:
+        step = checkpoint.read_state(ckpt).get("progress", {}).get("global_step", 0)
+    result = {"kind": kind, "source": source, "checkpoint": str(ckpt) if ckpt else None,
+              "arch": cfg.model.arch, "wandb_id": log.wandb_id, "finished": False}
+    if env.is_main:
+        save_config(cfg, out / "config.yaml")
+        files.write_text(record, json.dumps(result, indent=2))
+    dtype = getattr(torch, cfg.train.dtype)
+    model = model.to(env.device, dtype).eval()
+    log.info(f"evaluation {out} ({'continued' if resuming else 'new'}): {kind} on {env.device}, {env.world} rank(s)")
+    log.start_wandb()
+    try:
+        rows = []
+        if kind in ("knn", "all"):
+            top1, top5 = knn(cfg, env, model, log, bank, ckpt, dtype)
+            result.update(knn_top1=top1, knn_top5=top5)
+            rows.append((f"kNN (k={cfg.eval.knn_k}, {cfg.eval.train_features})", top1, top5))
+            log.event(event="knn", step=step, knn_top1=top1, knn_top5=top5)
+        if kind in ("probe", "all"):
+            shown = (result["knn_top1"], result["knn_top5"]) if kind == "all" else (
+                final_knn(run_of(ckpt)) if ckpt is not None else None)
+            log.group("probe", cfg.probe.layers, "epoch")
+            probes = run_probes(cfg, env, run_of(ckpt) if ckpt is not None else out, model, log,
+                                stop=stop, step=step, out_dir=out, knn=shown)
+            if probes is None:
+                return stop.exit_status()
+            result["probes"] = {n: {"top1": r["top1"], "top5": r["top5"]} for n, r in probes["layers"].items()}
+            rows += [(f"probe {n}", r["top1"], r["top5"]) for n, r in probes["layers"].items()]
+            if kind == "probe" and shown and shown[0] is not None:
+                rows.append(("kNN (the run's final)", *shown))
+                result.update(run_knn_top1=shown[0], run_knn_top5=shown[1])
+        top1s = {name: t1 for name, t1, _ in rows}
+        log.bar_chart("evaluation/top1", top1s, f"{cfg.name}: top-1 by layer, kNN beside ({out.name})")
+        result["finished"] = True
+        if env.is_main:
+            files.write_text(record, json.dumps(result, indent=2))
+        log.info(f"{source}\n{table(rows)}\n  ({record})")
+        return 0
+    finally:
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m and_dist.evaluate", description=(
+        "kNN and/or linear probes of trained weights, without training. Overrides use YAML values, "
+        "e.g. probe.layers=[layer3,layer4] eval.knn_k=200 data.root=/data/cifar"))
+    parser.add_argument("kind", choices=KINDS, help="knn: the weighted kNN; probe: the linear probes; all: both")
+    parser.add_argument("--checkpoint", required=True, help="a run directory, a checkpoint directory, a "
+                        "run-name directory (its newest run) or a weights file")
+    parser.add_argument("--config", default="", help="YAML path or name in configs/ (default: the run's own config)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    model, bank, cfg, resume, parent, source, ckpt = user_error_exit(load, args)
+    if main_rank():
+        print(f"evaluating {source}", flush=True)
+
+    def body(session: Session) -> int:
+        out, resuming = main_decides(session.env, lambda: choose_dir(parent, resume))
+        session.lock(out)
+        with Stop() as stop:
+            return evaluate(args.kind, cfg, session.env, model, out, resuming, source, ckpt, bank, stop)
+
+    return Session(cfg.train.device).run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

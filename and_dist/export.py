@@ -1,0 +1,101 @@
+"""Export a run's backbone for use elsewhere: `python -m and_dist.export RUN --to torchvision OUT.pth`.
+
+OUT.pth is a plain state dict in torchvision's names: `torchvision.models.<arch>()` loads it with
+`strict=False` and reports only its classifier (`fc.*`, AlexNet's `classifier.6.*`) as missing.
+The CIFAR ResNet-18 (3x3 stem, no max-pool) has no torchvision builder of its own: it loads into
+`resnet18()` once `conv1` is a 3x3/stride-1 conv and `maxpool` an Identity (the JSON says so).
+The 128-d embedding head is not part of torchvision's model and is left out; OUT.json beside the
+file records the architecture, the dimensions, the input normalisation and size, and the run's kNN.
+Exit 0, or 2 for a user error (one line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import files
+from .errors import EXIT_USER_ERROR, UserError
+
+TORCHVISION = {  # our arch -> (torchvision builder, its classifier keys, how to load)
+    "resnet18": ("resnet18", ["fc.weight", "fc.bias"], "m = torchvision.models.resnet18()"),
+    "resnet50": ("resnet50", ["fc.weight", "fc.bias"], "m = torchvision.models.resnet50()"),
+    "alexnet": ("alexnet", ["classifier.6.weight", "classifier.6.bias"], "m = torchvision.models.alexnet()"),
+    "resnet18_cifar": ("resnet18", ["fc.weight", "fc.bias"],
+                       "m = torchvision.models.resnet18(); m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+                       "m.maxpool = torch.nn.Identity()"),
+}
+
+
+def torchvision_state(model) -> dict[str, torch.Tensor]:
+    """The backbone's tensors under torchvision's names (ours less the `backbone.` prefix)."""
+    return {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
+
+
+def normalisation(cfg) -> tuple[tuple, tuple]:
+    """The mean/std the run's eval images were normalised with (in-memory: CIFAR's; streamed: ImageNet's)."""
+    if cfg.data.loader == "cached":
+        from .data.augment import CIFAR_MEAN, CIFAR_STD
+        return CIFAR_MEAN, CIFAR_STD
+    from .data.stream import IMAGENET_MEAN, IMAGENET_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def export(source: str, out: Path) -> dict:
+    from .eval.pretrained import load_model
+    from .evaluate import resolve, run_of
+    ckpt, weights, _ = resolve(source)
+    if ckpt is None:
+        raise UserError(f"{weights} is a weights file; export takes a run (directory, checkpoint or run name)")
+    model, cfg, ckpt = load_model(ckpt)
+    arch = cfg.model.arch
+    if arch not in TORCHVISION:
+        raise UserError(f"model.arch={arch} has no torchvision counterpart; export --to torchvision "
+                        f"takes {', '.join(TORCHVISION)}")
+    name, missing, how = TORCHVISION[arch]
+    if out.suffix != ".pth":
+        raise UserError(f"{out}: the output is a .pth file (its JSON goes beside it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    torch.save(torchvision_state(model), tmp)
+    tmp.replace(out)
+    try:
+        summary = json.loads((run_of(ckpt) / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    mean, std = normalisation(cfg)
+    info = {
+        "arch": arch, "torchvision": name, "load": f"{how}; m.load_state_dict(torch.load('{out.name}'), strict=False)",
+        "missing_when_loaded": missing, "feature_dim": model.feat_dim, "embedding_dim": cfg.model.low_dim,
+        "embedding_head": "not exported (the features are the backbone's pooled output)",
+        "mean": list(mean), "std": list(std), "input_size": cfg.data.image_size,
+        "knn": {"top1": summary.get("final_knn_top1"), "top5": summary.get("final_knn_top5"),
+                "k": cfg.eval.knn_k, "sigma": cfg.eval.knn_sigma, "features": f"the run's {cfg.model.low_dim}-d embedding"},
+        "checkpoint": str(ckpt),
+    }
+    files.write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m and_dist.export", description=(
+        "Write a run's backbone as a torchvision state dict (OUT.pth) and its description (OUT.json)."))
+    parser.add_argument("run", help="a run directory, a checkpoint directory or a run-name directory")
+    parser.add_argument("--to", required=True, choices=("torchvision",))
+    parser.add_argument("out", help="OUT.pth")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    try:
+        info = export(args.run, Path(args.out).expanduser())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"exported {info['checkpoint']} as torchvision {info['torchvision']} to {args.out} "
+          f"(+ {Path(args.out).with_suffix('.json').name}); load with: {info['load']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
