@@ -102,6 +102,10 @@ class TrainConfig:
     threads: int = opt(0, check=NON_NEGATIVE)  # torch intra-op threads, 0 = torch default
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
+    collective_timeout: float = opt(
+        600.0, "seconds any rank waits for another (collectives, barriers, the rendezvous) before the run "
+        "stops naming the silent rank; 600 covers a 1.28M-row discovery or evaluation on a GPU (~60 s on "
+        "the exact path) ten times over; CPU runs at that scale need hours", check=POSITIVE)
 
 
 @dataclass

@@ -22,7 +22,11 @@ def exit_status(e: BaseException, env, run_dir=None) -> int:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(f"[rank {env.rank}] error: {type(e).__name__}: {e}", file=sys.stderr)
+    from .stall import explain            # a wait on another rank that failed: name that rank
+    line = explain(e, env.rank)
+    if line is None:
+        line = str(e) if getattr(e, "one_line", False) else f"{type(e).__name__}: {e}"
+    print(f"[rank {env.rank}] error: {line}", file=sys.stderr)
     text = traceback.format_exc()
     if os.environ.get("AND_DEBUG"):
         print(text, file=sys.stderr)

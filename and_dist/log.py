@@ -99,8 +99,8 @@ class RunLog:
             self.wandb.log({f"{prefix}/{k}": v for k, v in fields.items()
                             if isinstance(v, (int, float)) and k != "step"}, step=step)
 
-    def image(self, key: str, path: Path, step: int) -> None:
-        if self.wandb is not None:
+    def image(self, key: str, path: Path | None, step: int) -> None:
+        if self.wandb is not None and path is not None:
             import wandb
             self.wandb.log({key: wandb.Image(str(path))}, step=step)
 

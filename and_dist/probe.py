@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        env = dist.init(cfg.train.device)
+        env = dist.init(cfg.train.device, cfg.train.collective_timeout)
     except UserError as e:                       # before any process group: each rank says it
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

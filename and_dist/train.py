@@ -41,7 +41,7 @@ def _choose_run_dir(cfg: Config, env) -> tuple[Path, Path | None]:
                     cfg.out_dir, cfg.name, cfg.run_dir, "")[0]
             else:
                 run, resuming = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, cfg.resume)
-                ckpt = checkpoint.find_latest(run / "checkpoints") if resuming else None
+                ckpt = checkpoint.find_latest(run / "checkpoints", clean=True) if resuming else None
             rundir.acquire(run)
             answer = (str(run), str(ckpt) if ckpt else None)
         except (UserError, FileNotFoundError) as e:
@@ -132,7 +132,7 @@ def _banner(log, cfg, env, run, data, ckpt, p) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
     try:
-        env = dist.init(cfg.train.device)
+        env = dist.init(cfg.train.device, cfg.train.collective_timeout)
     except UserError as e:                       # before any process group: each rank says it
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
