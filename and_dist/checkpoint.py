@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -81,6 +82,7 @@ def save(ckpt_root: Path, name: str, owners: dict, keep: int = 2) -> Path:
             written[STATE] = files.write_durable(tmp / STATE, lambda f: torch.save(replicated, f))
     except files.WriteError as e:
         error = f"rank {rank}: {e}" if world > 1 else str(e)
+    _test_pause()
     reports = dist.all_gather_object((written, error), op="checkpoint save (files)")
     errors = [e for _, e in reports if e]
     if not errors and rank == 0:
@@ -96,6 +98,14 @@ def save(ckpt_root: Path, name: str, owners: dict, keep: int = 2) -> Path:
     if errors:
         raise _fail(errors, ckpt_root)
     return final
+
+
+def _test_pause() -> None:
+    """Test hook: AND_TEST_SLOW_SAVE=seconds holds every save after its files are written and
+    before it is published, so a test's kill lands inside a checkpoint write."""
+    delay = float(os.environ.get("AND_TEST_SLOW_SAVE", "0") or 0)
+    if delay:
+        time.sleep(delay)
 
 
 def _publish(ckpt_root: Path, name: str, tmp: Path, manifest: dict) -> str | None:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from . import stall
 from .cluster import placement
-from .errors import UserError
+from .errors import EXIT_STALLED, UserError
 
 NCCL_GRACE = 60      # NCCL's watchdog fires this much later than gloo, so gloo's error is the one seen
 _timeout = timedelta(seconds=600)
@@ -67,7 +67,7 @@ def init(device: str = "auto", timeout: float = 600) -> Env:
             print(f"[rank {where.rank}] error: the rendezvous at {where.master_addr}:{where.master_port} "
                   f"failed within train.collective_timeout={timeout:g} s: {str(e).splitlines()[0][:200]}",
                   file=sys.stderr)
-            raise SystemExit(1) from None
+            raise SystemExit(EXIT_STALLED) from None
         stall.start(where.master_addr, where.master_port, where.rank, where.world, timeout)
     return Env(where.rank, where.world, where.local_rank, dev)
 
@@ -84,6 +84,9 @@ def waiting(op: str):
     stall.Waits.op, stall.Waits.since = op, time.monotonic()
     try:
         yield
+    except BaseException:
+        stall.Waits.failed = stall.Waits.failed or op
+        raise
     finally:
         stall.Waits.op, stall.Waits.since = outer
 

@@ -14,6 +14,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_STALLED = 3      # a wait on another rank timed out: worth a requeue (launch/job.py)
 
 
 def exit_status(e: BaseException, env, run_dir=None) -> int:
@@ -24,6 +25,7 @@ def exit_status(e: BaseException, env, run_dir=None) -> int:
         return EXIT_USER_ERROR
     from .stall import explain            # a wait on another rank that failed: name that rank
     line = explain(e, env.rank)
+    status = 1 if line is None else EXIT_STALLED
     if line is None:
         line = str(e) if getattr(e, "one_line", False) else f"{type(e).__name__}: {e}"
     print(f"[rank {env.rank}] error: {line}", file=sys.stderr)
@@ -36,4 +38,4 @@ def exit_status(e: BaseException, env, run_dir=None) -> int:
                 f.write(f"[rank {env.rank}]\n{text}\n")
         except OSError:
             pass
-    return 1
+    return status

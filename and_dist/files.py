@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -56,14 +55,6 @@ class _Sink:
         self.f.flush()
 
 
-def _slow_down() -> None:
-    """Test hook: AND_TEST_SLOW_WRITE=seconds makes every durable write pause that long after
-    its data is written, so a test's kill can land inside a checkpoint write."""
-    delay = float(os.environ.get("AND_TEST_SLOW_WRITE", "0") or 0)
-    if delay:
-        time.sleep(delay)
-
-
 def write_durable(path: str | os.PathLike, fill) -> dict:
     """Write `path` in place with `fill(file)` (for a file not yet visible to anyone, e.g. inside
     a temporary directory), fsync it; returns {"size", CHECKSUM}. Raises WriteError."""
@@ -78,7 +69,6 @@ def write_durable(path: str | os.PathLike, fill) -> dict:
                     raise sink.error from None
                 raise
             f.flush()
-            _slow_down()
             os.fsync(f.fileno())
     except OSError as e:
         path.unlink(missing_ok=True)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import sys
 import threading
 import time
@@ -21,12 +24,15 @@ from datetime import timedelta
 import torch.distributed as tdist
 
 PREFIX = "and_dist/heartbeat/"
+HOST = socket.gethostname()
+FAILED_WAIT = re.compile(r"gloo|NCCL|[Tt]imed out|Connection (closed|reset)")
 
 
 class Waits:
     """The wait the main thread is in (None outside any), for the heartbeat and the message."""
     op: str | None = None
     since: float = 0.0
+    failed: str | None = None       # the wait that raised
 
 
 class Heartbeat:
@@ -44,7 +50,7 @@ class Heartbeat:
         self.count += 1
         op = Waits.op
         self.store.set(f"{PREFIX}{self.rank}", json.dumps(
-            {"n": self.count, "op": op, "for": round(time.monotonic() - Waits.since) if op else 0}))
+            {"n": self.count, "op": op, "host": HOST, "pid": os.getpid()}))
 
     def _run(self) -> None:
         while not self.stop.wait(self.period):
@@ -94,21 +100,40 @@ def stop() -> None:
 
 
 def _where(e: BaseException) -> str:
-    """The innermost and_dist frame of the failed wait, when no helper named it."""
+    """The failed wait: the helper's name for it, and the innermost and_dist caller."""
     tb, found = e.__traceback__, None
     while tb is not None:
         code = tb.tb_frame.f_code
-        if f"{os.sep}and_dist{os.sep}" in code.co_filename:
-            found = f"{code.co_name} ({os.path.basename(code.co_filename)}:{tb.tb_lineno})"
+        name = os.path.basename(code.co_filename)
+        if f"{os.sep}and_dist{os.sep}" in code.co_filename and name not in ("dist.py", "stall.py"):
+            found = f"{code.co_name} ({name}:{tb.tb_lineno})"
         tb = tb.tb_next
-    return found or "a collective"
+    return " in ".join(w for w in (Waits.failed, found) if w) or "a collective"
+
+
+def _end(beat: dict | None) -> str:
+    """SIGKILL a silent rank on this host, so that it frees its GPU and the launcher ends now
+    (torchrun waits 30 s for a stopped process to take its SIGTERM); others are the launcher's."""
+    if not beat or beat.get("host") != HOST:
+        return ""
+    pid = int(beat["pid"])
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"and_dist" not in f.read():
+                return ""
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        return ""
+    return f" [pid {pid} on this host, killed]"
 
 
 def explain(e: BaseException, rank: int) -> str | None:
     """One line for a failed wait on another rank (None for any other error)."""
-    if not isinstance(e, tdist.DistError):
+    if _beat is None and not tdist.is_initialized():
         return None
-    op = Waits.op or _where(e)
+    if not isinstance(e, tdist.DistError) and not (isinstance(e, RuntimeError) and FAILED_WAIT.search(str(e))):
+        return None
+    op = _where(e)
     waited = f"rank {rank} waited in {op}"
     limit = f" (train.collective_timeout={_beat.timeout:g} s)" if _beat else ""
     if _beat is None:
@@ -120,7 +145,7 @@ def explain(e: BaseException, rank: int) -> str | None:
                 "torchrun's agent otherwise): that host stopped; continue with resume=auto")
     if silent:
         said = ", ".join(f"rank {r}" + (f" (last seen waiting in {last[r]['op']})" if last[r] and last[r]["op"]
-                                        else "") for r in silent)
+                                        else "") + _end(last[r]) for r in silent)
         return f"{said} stopped answering; {waited}{limit}; continue with resume=auto"
     busy = [r for r in range(_beat.world) if r != rank and last[r] and not last[r]["op"]]
     if busy:
