@@ -1,7 +1,8 @@
 """A user mistake (bad config, bad data, wrong checkpoint): reported as one line, exit status 2.
 
 Anything else is a bug or a system failure: one line per failing rank, exit status 1, and the
-traceback in the run's `errors.log` (and on the console with AND_DEBUG=1)."""
+traceback in the run's `errors.log` (and on the console with AND_DEBUG=1); a wait on another rank
+that timed out or broke is exit status 3, its line naming the rank that stopped answering."""
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ import torch
 import xxhash
 
 CHECKSUM = "xxh3_64"         # ~10 GB/s on one core; xxhash comes with wandb
+HASH = xxhash.xxh3_64        # benchmarks/checkpoint_save.py swaps it to time a save without it
 
 
 class WriteError(OSError):
@@ -39,7 +40,7 @@ class _Sink:
     (torch.save turns it into an errno-less RuntimeError)."""
 
     def __init__(self, f):
-        self.f, self.hash, self.size, self.error = f, xxhash.xxh3_64(), 0, None
+        self.f, self.hash, self.size, self.error = f, HASH(), 0, None
 
     def write(self, data) -> int:
         try:
@@ -103,7 +104,7 @@ def torch_save(obj, path: str | os.PathLike) -> dict:
 
 def checksum(path: str | os.PathLike, block: int = 1 << 24) -> tuple[int, str]:
     """(size, checksum) of a file as written by `write_durable`."""
-    h, size = xxhash.xxh3_64(), 0
+    h, size = HASH(), 0
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)

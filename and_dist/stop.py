@@ -30,10 +30,10 @@ class Stop:
         self.previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
         return self
 
-    def __exit__(self, *exc):
-        if self.pending is not None:
+    def __exit__(self, exc_type, *exc):
+        if self.pending is not None and exc_type is None:    # after a failed wait it may never end
             self.pending.wait()
-            self.pending = None
+        self.pending = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
