@@ -170,15 +170,17 @@ def verify(path: Path) -> dict:
 
 
 def _candidates(ckpt_root: Path) -> list[Path]:
-    """Checkpoint directories, the one `latest` names first, then newest first."""
+    """Checkpoint directories (named by `latest`, or holding a manifest or a state.pt), the one
+    `latest` names first, then newest first."""
     if not ckpt_root.is_dir():
         return []
-    dirs = sorted((d for d in ckpt_root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                  key=lambda d: d.stat().st_mtime, reverse=True)
     try:
         named = (ckpt_root / LATEST).read_text().strip()
     except OSError:
         named = ""
+    dirs = sorted((d for d in ckpt_root.iterdir() if d.is_dir() and not d.name.startswith(".") and
+                   (d.name == named or (d / MANIFEST).exists() or (d / STATE).exists())),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
     return sorted(dirs, key=lambda d: d.name != named)
 
 

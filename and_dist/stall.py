@@ -39,7 +39,7 @@ class Heartbeat:
     def __init__(self, addr: str, port: int, rank: int, world: int, timeout: float):
         self.rank, self.world, self.timeout = rank, world, timeout
         self.period = max(0.5, min(5.0, timeout / 10))
-        self.store = tdist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=max(timeout, 10)),
+        self.store = tdist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=10),
                                     wait_for_workers=False)
         self.count, self.stop = 0, threading.Event()
         self.beat()

@@ -222,3 +222,32 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it_and_the_run_re
     resumed = train(run, "resume=auto", "train.epochs_per_round=2")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
+
+
+# ------------------------------------------------------------------------ wandb across a resume
+
+def test_wandb_steps_keep_growing_across_resumes_from_one_checkpoint(tmp_path):
+    """Resumed twice from the same checkpoint (the second time after a crash): every step sent to
+    wandb (offline, real) is above every step it saw before, the true step beside it."""
+    from and_dist.log import RunLog
+
+    def segment(state, steps):
+        log = RunLog(tmp_path, True, False, "offline", "p", "", {}, "n")
+        if state is not None:
+            log.load_state_dict(state)
+        log.start_wandb()
+        for s in steps:
+            log.event(event="step", step=s, loss=float(s))
+        return log
+
+    first = segment(None, range(1, 4))
+    state = first.state_dict()                  # the checkpoint at step 3
+    for s in range(4, 8):
+        first.event(event="step", step=s, loss=float(s))
+    first.close()
+    segment(state, range(4, 6)).close()         # crashed at step 5, before any checkpoint
+    segment(state, range(4, 8)).close()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 8))                   # the file: as if never stopped
+    assert [l["wandb_step"] for l in lines] == [1, 2, 3, 12, 13, 14, 15]     # wandb saw 1..7, then 9, 10
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 3
