@@ -2,7 +2,8 @@
 
 Exit status: 0 when the run finished; 128 + N when signal N stopped it after saving a checkpoint
 (143 for SIGTERM, 130 for SIGINT, 140 for SIGUSR2); 2 for a user error (config, data, run
-directory, checkpoint), reported in one line before training starts where possible; 1 for
+directory, checkpoint), reported in one line before training starts where possible; 3 when a
+rank stopped answering for train.collective_timeout (the line names it); 1 for
 anything else, one line per failing rank, the traceback in the run's `errors.log` (and on the
 console with AND_DEBUG=1).
 """
