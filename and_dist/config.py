@@ -131,6 +131,10 @@ class TrainConfig:
     precision: str = opt("auto", "the model's forward; auto: bf16 autocast on CUDA, fp32 on CPU",
                          choices=("auto", "fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model")
+    collective_timeout: float = opt(
+        600.0, "seconds any rank waits for another (collectives, barriers, the rendezvous) before the run "
+        "stops naming the silent rank; 600 covers a 1.28M-row discovery or evaluation on a GPU (~60 s on "
+        "the exact path) ten times over; CPU runs at that scale need hours", check=POSITIVE)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 deciding what all ranks do, the run directory's lock, and one exit status for every way it ends.
 
 Exit status: 0 done; 2 a user error (one line, before work starts where possible); 128 + N when
-signal N stopped the work after a checkpoint; 1 anything else (one line per failing rank, the
+signal N stopped the work after a checkpoint; 3 a rank stopped answering for
+train.collective_timeout (the line names it); 1 anything else (one line per failing rank, the
 traceback in the run's errors.log)."""
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ def main_decides(env, decide: Callable, share: bool = True):
 
 
 class Session:
-    """One process's part of an entry point: `Session(device).run(body)` calls `body(session)`
+    """One process's part of an entry point: `Session(cfg.train).run(body)` calls `body(session)`
     inside the process group and turns how it ended into the exit status."""
 
-    def __init__(self, device: str):
-        self.device, self.env, self.locked = device, None, []
+    def __init__(self, train_cfg):
+        self.device, self.timeout = train_cfg.device, train_cfg.collective_timeout
+        self.env, self.locked = None, []
 
     def lock(self, run: Path) -> Path:
         """Hold `run` for this job (rank 0 takes the lock file; a live holder is a UserError)."""
@@ -45,7 +47,7 @@ class Session:
 
     def run(self, body: Callable[["Session"], int]) -> int:
         try:
-            self.env = dist.init(self.device)
+            self.env = dist.init(self.device, self.timeout)
         except UserError as e:                   # before any process group: each rank says it
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR

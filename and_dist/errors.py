@@ -1,7 +1,8 @@
 """A user mistake (bad config, bad data, wrong checkpoint): reported as one line, exit status 2.
 
 Anything else is a bug or a system failure: one line per failing rank, exit status 1, and the
-traceback in the run's `errors.log` (and on the console with AND_DEBUG=1)."""
+traceback in the run's `errors.log` (and on the console with AND_DEBUG=1); a wait on another rank
+that timed out or broke is exit status 3, its line naming the rank that stopped answering."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_STALLED = 3      # a wait on another rank timed out: worth a requeue (launch/job.py)
 
 
 def exit_status(e: BaseException, env, run_dir=None) -> int:
@@ -22,7 +24,12 @@ def exit_status(e: BaseException, env, run_dir=None) -> int:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(f"[rank {env.rank}] error: {type(e).__name__}: {e}", file=sys.stderr)
+    from .stall import explain            # a wait on another rank that failed: name that rank
+    line = explain(e, env.rank)
+    status = 1 if line is None else EXIT_STALLED
+    if line is None:
+        line = str(e) if getattr(e, "one_line", False) else f"{type(e).__name__}: {e}"
+    print(f"[rank {env.rank}] error: {line}", file=sys.stderr)
     text = traceback.format_exc()
     if os.environ.get("AND_DEBUG"):
         print(text, file=sys.stderr)
@@ -32,4 +39,4 @@ def exit_status(e: BaseException, env, run_dir=None) -> int:
                 f.write(f"[rank {env.rank}]\n{text}\n")
         except OSError:
             pass
-    return 1
+    return status

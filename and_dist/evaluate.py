@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         with Stop() as stop:
             return evaluate(args.kind, cfg, session.env, model, out, resuming, source, ckpt, bank, stop)
 
-    return Session(cfg.train.device).run(body)
+    return Session(cfg.train).run(body)
 
 
 if __name__ == "__main__":

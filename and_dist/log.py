@@ -71,6 +71,7 @@ class RunLog:
         self.wandb_id = uuid.uuid4().hex[:8]      # a fresh run's; a resumed run loads its own
         self.wandb = None
         self.sections: dict[str, tuple[list[str], str]] = {}
+        self.wandb_offset = 0                     # wandb step = step + this (see load_state_dict)
 
     @classmethod
     def for_config(cls, run_dir: Path, enabled: bool, cfg, name: str = "") -> "RunLog":
@@ -116,28 +117,34 @@ class RunLog:
         if not self.enabled:
             return
         fields = strict(fields)
+        step = fields.get("step")
+        if self.wandb is not None and step is not None:
+            fields["wandb_step"] = step + self.wandb_offset
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(fields) + "\n")
         if self.wandb is not None:
-            step = fields.get("step")
             prefix = fields.get("event", "")
-            row = {f"{prefix}/{k}": v for k, v in fields.items() if isinstance(v, (int, float)) and k != "step"}
+            row = {f"{prefix}/{k}": v for k, v in fields.items()
+                   if isinstance(v, (int, float)) and k not in ("step", "wandb_step")}
             for name in self.sections.get(prefix, ([], ""))[0]:
                 row.update({f"{prefix}-{name}/{k[len(name) + 1:]}": v for k, v in fields.items()
                             if k.startswith(name + "_") and isinstance(v, (int, float))})
-            self.wandb.log(row, step=step)
+            if step is not None:
+                row["global_step"] = step
+            self.wandb.log(row, step=fields.get("wandb_step"))
 
-    def image(self, key: str, path: Path, step: int) -> None:
-        if self.wandb is not None:
+    def image(self, key: str, path: Path | None, step: int) -> None:
+        if self.wandb is not None and path is not None:
             import wandb
-            self.wandb.log({key: wandb.Image(str(path))}, step=step)
+            self.wandb.log({key: wandb.Image(str(path))}, step=step + self.wandb_offset)
 
     def bar_chart(self, key: str, values: dict[str, float | None], title: str, step: int | None = None) -> None:
         """One wandb bar chart (a table of name, top-1), e.g. the probe accuracy by layer."""
         if self.wandb is not None:
             import wandb
             table = wandb.Table(columns=["name", "top1"], data=[[k, v] for k, v in values.items() if v is not None])
-            self.wandb.log({key: wandb.plot.bar(table, "name", "top1", title=title)}, step=step)
+            self.wandb.log({key: wandb.plot.bar(table, "name", "top1", title=title)},
+                           step=None if step is None else step + self.wandb_offset)
 
     def bar(self, total: int, desc: str, leave: bool = False):
         if not self.tty:
@@ -150,15 +157,39 @@ class RunLog:
         if self.enabled and self.metrics_path.exists():
             with open(self.metrics_path) as f:
                 lines = sum(1 for _ in f)
-        return {"metrics_lines": lines, "wandb_id": self.wandb_id}
+        return {"metrics_lines": lines, "wandb_id": self.wandb_id, "wandb_offset": self.wandb_offset}
 
     def load_state_dict(self, s: dict) -> None:
-        """On resume, drop events logged after the checkpoint (they will be logged again)."""
+        """On resume, drop events logged after the checkpoint (they will be logged again).
+
+        wandb ignores a step at or below the last one it saw, so the re-run steps are logged to
+        wandb under `step + wandb_offset`, the offset grown past every wandb step logged so far
+        (`wandb_step` in the dropped lines, and `.wandb-step` for lines dropped by an earlier
+        resume); each wandb row also carries the true `global_step`."""
         self.wandb_id = s.get("wandb_id", self.wandb_id)
+        self.wandb_offset = s.get("wandb_offset", 0)
         if self.enabled and self.metrics_path.exists():
             with open(self.metrics_path) as f:
-                kept = f.readlines()[: s["metrics_lines"]]
+                lines = f.readlines()
+            kept = lines[: s["metrics_lines"]]
+            self._grow_offset(kept, lines[s["metrics_lines"]:])
             files.write_text(self.metrics_path, "".join(kept))
+
+    def _grow_offset(self, kept: list[str], dropped: list[str]) -> None:
+        mark = self.dir / ".wandb-step"
+        seen = [json.loads(line).get("wandb_step") for line in dropped]
+        seen = [v for v in seen if v is not None]
+        try:
+            seen.append(int(mark.read_text()))
+        except (OSError, ValueError):
+            pass
+        if not seen:
+            return
+        high = max(seen)
+        steps = [json.loads(line).get("step") for line in kept]
+        lowest = max([v for v in steps if v is not None], default=0)   # no re-run step is lower
+        self.wandb_offset = max(self.wandb_offset, high + 1 - lowest)
+        files.write_text(mark, str(high))
 
     def close(self) -> None:
         if self.wandb is not None:

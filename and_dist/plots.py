@@ -4,12 +4,15 @@ probe accuracies, and several runs side by side.
 
 Figures are drawn on matplotlib's Agg canvas directly (never through pyplot), so drawing neither
 switches a global backend nor keeps figures alive. Every file is written under a temporary name
-and renamed, so a reader never sees half a picture.
+and renamed, so a reader never sees half a picture; a picture that cannot be written is a
+warning on stderr, never a failed run.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
+import sys
 import textwrap
 from pathlib import Path
 from typing import Callable
@@ -20,6 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
+
+from . import files
 
 DPI = 100
 TILE = 64                  # thumbnails are upscaled (nearest neighbour) to TILE x TILE pixels
@@ -41,13 +46,23 @@ def _figure(width_in: float, height_in: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path | None:
+    """Write the picture durably; a failed write is a warning (None), never a lost run."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_bytes(path, _png(fig))
+    except OSError as e:
+        print(f"warning: picture not saved: {e if isinstance(e, files.WriteError) else files.WriteError(path, e)}",
+              file=sys.stderr)
+        return None
     return path
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
 
 
 def grid_size(rows: int, cols: int) -> tuple[int, int, int]:
@@ -133,7 +148,7 @@ def anchor_grid(path: Path, entropy: torch.Tensor, neighbours: torch.Tensor, anc
     return _save(fig, path)
 
 
-def entropy_histogram(path: Path, entropy: torch.Tensor, anchor: torch.Tensor | None, round_: int) -> Path:
+def entropy_histogram(path: Path, entropy: torch.Tensor, anchor: torch.Tensor | None, round_: int) -> Path | None:
     """Histogram of the bank's entropies, anchors stacked apart, with the cut-off line and the
     anchor share."""
     e = entropy.detach().double().cpu().numpy()
@@ -184,7 +199,7 @@ def _round_axis(ax, rounds) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def rounds_chart(path: Path, rows: list[dict]) -> Path:
+def rounds_chart(path: Path, rows: list[dict]) -> Path | None:
     """Per round: kNN accuracy (left) and neighbourhood consistency with the anchor count (right)."""
     x = np.array([r["round"] for r in rows])
     fig = _figure(10, 4)
@@ -218,7 +233,7 @@ def rounds_chart(path: Path, rows: list[dict]) -> Path:
     return _save(fig, path)
 
 
-def probe_chart(path: Path, top1_by_layer: dict[str, float], knn: float | None, title: str) -> Path:
+def probe_chart(path: Path, top1_by_layer: dict[str, float], knn: float | None, title: str) -> Path | None:
     """Top-1 of a probe on each layer, in the given order, and the kNN top-1 when given."""
     names, values = list(top1_by_layer), [float(v) for v in top1_by_layer.values()]
     colours = ["tab:blue"] * len(names)
@@ -237,7 +252,7 @@ def probe_chart(path: Path, top1_by_layer: dict[str, float], knn: float | None, 
     return _save(fig, path)
 
 
-def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path:
+def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path | None:
     """kNN top-1 per round of several runs, one line each, for comparing configurations."""
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             log.close()
         return 0 if results is not None else stop.exit_status()
 
-    return Session(cfg.train.device).run(body)
+    return Session(cfg.train).run(body)
 
 
 if __name__ == "__main__":

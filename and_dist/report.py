@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import dist
+from .files import WriteError, write_text
 from .log import fmt, strict
+
+
+class SummaryFailed(RuntimeError):
+    one_line = True
 
 
 class Report:
@@ -47,9 +53,15 @@ class Report:
                       "(picked on the test set)")
         self.log.event(event="final", step=p.global_step, knn_top1=summary["final_knn_top1"],
                        knn_top5=summary["final_knn_top5"])
+        error = None
         if self.enabled:
-            from .files import write_text
-            write_text(self.dir / "summary.json", json.dumps(strict(summary), indent=2, allow_nan=False))
+            try:
+                write_text(self.dir / "summary.json", json.dumps(strict(summary), indent=2, allow_nan=False))
+            except WriteError as e:
+                error = str(e)
+        error = dist.broadcast_object(error, op="summary.json")   # every rank fails with it
+        if error:
+            raise SummaryFailed(error)
         return summary
 
 

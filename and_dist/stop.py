@@ -21,7 +21,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 class Stop:
     def __init__(self):
         self.signum: int | None = None
-        self.group = tdist.new_group(backend="gloo") if dist.active() else None
+        self.group = tdist.new_group(backend="gloo", timeout=dist.timeout()) if dist.active() else None
         self.flag = torch.zeros(1)
         self.pending = None
         self.previous = {}
@@ -30,10 +30,10 @@ class Stop:
         self.previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
         return self
 
-    def __exit__(self, *exc):
-        if self.pending is not None:
+    def __exit__(self, exc_type, *exc):
+        if self.pending is not None and exc_type is None:    # after a failed wait it may never end
             self.pending.wait()
-            self.pending = None
+        self.pending = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -45,7 +45,8 @@ class Stop:
             return self.signum is not None
         stop = False
         if self.pending is not None:
-            self.pending.wait()
+            with dist.waiting("the stop-flag all-reduce of a training step"):
+                self.pending.wait()
             stop = self.flag.item() > 0
         if stop:
             self.signum = self.signum or signal.SIGTERM   # another rank got it

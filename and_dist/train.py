@@ -2,7 +2,8 @@
 
 Exit status: 0 when the run finished; 128 + N when signal N stopped it after saving a checkpoint
 (143 for SIGTERM, 130 for SIGINT, 140 for SIGUSR2); 2 for a user error (config, data, run
-directory, checkpoint), reported in one line before training starts where possible; 1 for
+directory, checkpoint), reported in one line before training starts where possible; 3 when a
+rank stopped answering for train.collective_timeout (the line names it); 1 for
 anything else, one line per failing rank, the traceback in the run's `errors.log` (and on the
 console with AND_DEBUG=1).
 """
@@ -38,7 +39,7 @@ def _choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             cfg.out_dir, cfg.name, cfg.run_dir, "")[0]
         return run, ckpt
     run, resuming = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, cfg.resume)
-    return run, (checkpoint.find_latest(run / "checkpoints") if resuming else None)
+    return run, (checkpoint.find_latest(run / "checkpoints", clean=True) if resuming else None)
 
 
 def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer:
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         del trainer  # DDP must go before its process group, or gloo aborts at exit
         return status
 
-    return Session(cfg.train.device).run(body)
+    return Session(cfg.train).run(body)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ saves a checkpoint at the next step boundary, `main` returns 128 + USR2 and subm
 back in place. Task 0 then hands it the signal again: submitit calls `Stage.checkpoint()`, stores
 the returned copy of the stage and runs `scontrol requeue`; the other tasks end quietly. The
 requeued job (same job id, same run_dir, `resume=auto`) continues from that checkpoint.
-`max_requeues` bounds the loop. A stage that fails (exit 1 or 2) raises: the job fails and is
-never requeued. SIGTERM (scancel, or a preemption that SLURM requeues itself) is not requeued here.
+`max_requeues` bounds the loop. A stage whose ranks timed out waiting for a stalled rank (exit 3,
+`train.collective_timeout`) is requeued the same way by task 0, and resumes from the last
+checkpoint (when task 0 itself is the stalled one, the job ends as failed when the other tasks
+exit). A stage that fails (exit 1 or 2) raises: the job fails and is never requeued. SIGTERM (scancel, or a preemption that SLURM requeues itself) is not requeued here.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import sys
 from dataclasses import dataclass, replace
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)   # 128+N from the trainer: requeue
+EXIT_STALLED = 3       # and_dist.errors.EXIT_STALLED: a rank stopped answering; requeue too
 # torchrun's variables win over SLURM's in and_dist/cluster.py; inherited from the shell that
 # submitted (sbatch exports it), they would put every task at the same rank
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -58,13 +61,15 @@ class Stage:
             status = e.code if isinstance(e.code, int) else 1
         if status == 0:
             return 0
-        if status <= 128:
+        if status <= 128 and status != EXIT_STALLED:
             raise StageFailed(f"{self.kind} stage failed with exit status {status}: see this job's logs "
                               f"and {self.run_dir}/errors.log; not requeued")
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             return status           # task 0 decides: requeue, or fail the job
-        if status - 128 in PREEMPT_SIGNALS:
+        if status == EXIT_STALLED or status - 128 in PREEMPT_SIGNALS:
             self._requeue()
+        if status == EXIT_STALLED:
+            raise StageFailed(f"{self.kind} stage stopped: a rank stopped answering (see the log); not requeued")
         raise StageFailed(f"{self.kind} stage stopped by signal {status - 128} after saving a checkpoint; "
                           "not requeued (scancel, or a preemption that SLURM requeues itself)")
 
