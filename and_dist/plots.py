@@ -251,3 +251,50 @@ def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def consistency_chart(path: Path, diag, round_: int) -> Path:
+    """AND's argument on the user's data: neighbourhood class-consistency against entropy rank
+    (lowest entropy left), per decile and as a running mean, with the round's anchor cut-off."""
+    ranked = diag.per_sample[diag.order].numpy()
+    n = len(ranked)
+    ranks = np.arange(1, n + 1)
+    window = max(1, n // 50)
+    ok = np.isfinite(ranked)
+    sums = np.concatenate([[0], np.cumsum(np.where(ok, ranked, 0))])
+    counts = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.clip(ranks - 1 - window // 2, 0, n)
+    hi = np.clip(lo + window, 0, n)
+    smooth = (sums[hi] - sums[lo]) / np.maximum(counts[hi] - counts[lo], 1)
+    shown = np.unique(np.linspace(0, n - 1, min(n, 2000)).round().astype(int))   # a line, not a million points
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    ax.plot(ranks[shown], 100 * smooth[shown], color="tab:blue", linewidth=1, alpha=0.6,
+            label=f"running mean over {window} samples")
+    edges = [b * n // len(diag.deciles) for b in range(len(diag.deciles) + 1)]
+    for b, (lo, hi, v) in enumerate(zip(edges, edges[1:], diag.deciles)):
+        if v is not None:
+            ax.hlines(100 * v, lo + 1, hi, color="tab:blue", linewidth=3, label="entropy decile" if b == 0 else None)
+            ax.annotate(f"{100 * v:.0f}", ((lo + hi) / 2, 100 * v), textcoords="offset points", xytext=(0, 5),
+                        ha="center", fontsize=8)
+    ax.axhline(100 * diag.chance, color="0.4", linestyle=":", linewidth=1.2,
+               label=f"chance (same label at random) {100 * diag.chance:.1f}")
+    if diag.count:
+        ax.axvline(diag.count + 0.5, color="black", linestyle="--", linewidth=1.2,
+                   label=f"anchor cut-off: {diag.count} anchors")
+    text = "no anchors this round" if diag.anchors is None else f"anchors: {100 * diag.anchors:.1f}%"
+    if diag.rest is not None:
+        text += f"\nthe rest: {100 * diag.rest:.1f}%"
+    text += f"\nall samples: {100 * diag.all:.1f}%" if diag.all is not None else ""
+    ax.text(0.98, 0.96, text, transform=ax.transAxes, ha="right", va="top", fontsize=9,
+            bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"))
+    ax.set_xlim(0.5, n + 0.5)
+    ax.set_ylim(0, 105)
+    ax.set_title(f"Round {round_}: neighbourhood class-consistency by entropy rank")
+    ax.set_xlabel(f"entropy rank (1 = lowest entropy, of {n} samples)")
+    ax.set_ylabel("neighbours with the sample's label (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.text(0.01, 0.01, "labels used for this picture only", fontsize=7, color="0.4")
+    fig.tight_layout()
+    return _save(fig, path)
