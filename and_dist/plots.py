@@ -238,20 +238,42 @@ def probe_chart(path: Path, top1_by_layer: dict[str, float], knn: float | None, 
 
 
 def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path:
-    """kNN top-1 per round of several runs, one line each, for comparing configurations."""
-    fig = _figure(8, 4.5)
-    ax = fig.add_subplot()
+    """kNN top-1 per round of several runs, one line each, for comparing configurations; beside it,
+    when the runs measured it, neighbourhood consistency: the anchors' (solid) and all samples'
+    (dotted, from the diagnostic), with chance level."""
+    has = lambda key: any(r.get(key) is not None for rows in series.values() for r in rows)
+    two = has("consistency") or has("all_consistency")
+    fig = _figure(13 if two else 8, 4.5)
+    ax = fig.add_subplot(1, 2 if two else 1, 1)
+    cons = fig.add_subplot(1, 2, 2, sharex=ax) if two else None
+    rounds = [r["round"] for rows in series.values() for r in rows]
     for n, (label, rows) in enumerate(series.items()):     # markers tell overlapping lines apart
-        ax.plot([r["round"] for r in rows], _values(rows, "knn_top1"), marker="os^Dv"[n % 5],
-                linestyle=("-", "--", ":", "-.")[n % 4], markersize=9 - 2.5 * (n % 3), label=label)
+        x = [r["round"] for r in rows]
+        style = dict(marker="os^Dv"[n % 5], markersize=9 - 2.5 * (n % 3), color=f"C{n % 10}")
+        ax.plot(x, _values(rows, "knn_top1"), linestyle=("-", "--", ":", "-.")[n % 4], label=label, **style)
+        if cons is not None:
+            if np.isfinite(_values(rows, "consistency")).any():
+                cons.plot(x, _values(rows, "consistency", 100.0), linestyle="-", label=f"{label}: anchors", **style)
+            if np.isfinite(_values(rows, "all_consistency")).any():
+                cons.plot(x, _values(rows, "all_consistency", 100.0), linestyle=":", markerfacecolor="none",
+                          label=f"{label}: all samples", **style)
     ax.set_title("kNN top-1 per round")
-    _round_axis(ax, [r["round"] for rows in series.values() for r in rows])
     ax.set_ylabel("kNN top-1 on the test set (%)")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if cons is not None:
+        chance = [r["chance_consistency"] for rows in series.values() for r in rows
+                  if r.get("chance_consistency") is not None]
+        if chance:
+            cons.axhline(100 * chance[0], color="0.4", linestyle="--", linewidth=1, label=f"chance {100 * chance[0]:.1f}")
+        cons.set_ylim(0, max(50.0, cons.get_ylim()[1]))
+        cons.set_title("Neighbourhood consistency at each discovery")
+        cons.set_ylabel("neighbours with the same true label (%)")
+        cons.legend(fontsize=8)
+    for a in (ax, cons) if cons is not None else (ax,):
+        _round_axis(a, rounds)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
-
 
 def consistency_chart(path: Path, diag, round_: int) -> Path:
     """AND's argument on the user's data: neighbourhood class-consistency against entropy rank
