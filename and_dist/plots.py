@@ -305,7 +305,7 @@ def consistency_chart(path: Path, diag, round_: int) -> Path:
         ax.axvline(diag.count + 0.5, color="black", linestyle="--", linewidth=1.2,
                    label=f"anchor cut-off: {diag.count} anchors")
     text = "no anchors this round" if diag.anchors is None else f"anchors: {100 * diag.anchors:.1f}%"
-    if diag.rest is not None:
+    if diag.rest is not None and diag.anchors is not None:
         text += f"\nthe rest: {100 * diag.rest:.1f}%"
     text += f"\nall samples: {100 * diag.all:.1f}%" if diag.all is not None else ""
     ax.text(0.98, 0.96, text, transform=ax.transAxes, ha="right", va="top", fontsize=9,
