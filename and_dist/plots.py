@@ -253,16 +253,86 @@ def probe_chart(path: Path, top1_by_layer: dict[str, float], knn: float | None, 
 
 
 def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path | None:
-    """kNN top-1 per round of several runs, one line each, for comparing configurations."""
+    """kNN top-1 per round of several runs, one line each, for comparing configurations; beside it,
+    when the runs measured it, neighbourhood consistency: the anchors' (solid) and all samples'
+    (dotted, from the diagnostic), with chance level."""
+    has = lambda key: any(r.get(key) is not None for rows in series.values() for r in rows)
+    two = has("consistency") or has("all_consistency")
+    fig = _figure(13 if two else 8, 4.5)
+    ax = fig.add_subplot(1, 2 if two else 1, 1)
+    cons = fig.add_subplot(1, 2, 2, sharex=ax) if two else None
+    rounds = [r["round"] for rows in series.values() for r in rows]
+    for n, (label, rows) in enumerate(series.items()):     # markers tell overlapping lines apart
+        x = [r["round"] for r in rows]
+        style = dict(marker="os^Dv"[n % 5], markersize=9 - 2.5 * (n % 3), color=f"C{n % 10}")
+        ax.plot(x, _values(rows, "knn_top1"), linestyle=("-", "--", ":", "-.")[n % 4], label=label, **style)
+        if cons is not None:
+            if np.isfinite(_values(rows, "consistency")).any():
+                cons.plot(x, _values(rows, "consistency", 100.0), linestyle="-", label=f"{label}: anchors", **style)
+            if np.isfinite(_values(rows, "all_consistency")).any():
+                cons.plot(x, _values(rows, "all_consistency", 100.0), linestyle=":", markerfacecolor="none",
+                          label=f"{label}: all samples", **style)
+    ax.set_title("kNN top-1 per round")
+    ax.set_ylabel("kNN top-1 on the test set (%)")
+    ax.legend(fontsize=8)
+    if cons is not None:
+        chance = [r["chance_consistency"] for rows in series.values() for r in rows
+                  if r.get("chance_consistency") is not None]
+        if chance:
+            cons.axhline(100 * chance[0], color="0.4", linestyle="--", linewidth=1, label=f"chance {100 * chance[0]:.1f}")
+        cons.set_ylim(0, max(50.0, cons.get_ylim()[1]))
+        cons.set_title("Neighbourhood consistency at each discovery")
+        cons.set_ylabel("neighbours with the same true label (%)")
+        cons.legend(fontsize=8)
+    for a in (ax, cons) if cons is not None else (ax,):
+        _round_axis(a, rounds)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def consistency_chart(path: Path, diag, round_: int) -> Path | None:
+    """AND's argument on the user's data: neighbourhood class-consistency against entropy rank
+    (lowest entropy left), per decile and as a running mean, with the round's anchor cut-off."""
+    ranked = diag.per_sample[diag.order].numpy()
+    n = len(ranked)
+    ranks = np.arange(1, n + 1)
+    window = max(1, n // 50)
+    ok = np.isfinite(ranked)
+    sums = np.concatenate([[0], np.cumsum(np.where(ok, ranked, 0))])
+    counts = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.clip(ranks - 1 - window // 2, 0, n)
+    hi = np.clip(lo + window, 0, n)
+    smooth = (sums[hi] - sums[lo]) / np.maximum(counts[hi] - counts[lo], 1)
+    shown = np.unique(np.linspace(0, n - 1, min(n, 2000)).round().astype(int))   # a line, not a million points
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
-    for n, (label, rows) in enumerate(series.items()):     # markers tell overlapping lines apart
-        ax.plot([r["round"] for r in rows], _values(rows, "knn_top1"), marker="os^Dv"[n % 5],
-                linestyle=("-", "--", ":", "-.")[n % 4], markersize=9 - 2.5 * (n % 3), label=label)
-    ax.set_title("kNN top-1 per round")
-    _round_axis(ax, [r["round"] for rows in series.values() for r in rows])
-    ax.set_ylabel("kNN top-1 on the test set (%)")
+    ax.plot(ranks[shown], 100 * smooth[shown], color="tab:blue", linewidth=1, alpha=0.6,
+            label=f"running mean over {window} samples")
+    edges = [b * n // len(diag.deciles) for b in range(len(diag.deciles) + 1)]
+    for b, (lo, hi, v) in enumerate(zip(edges, edges[1:], diag.deciles)):
+        if v is not None:
+            ax.hlines(100 * v, lo + 1, hi, color="tab:blue", linewidth=3, label="entropy decile" if b == 0 else None)
+            ax.annotate(f"{100 * v:.0f}", ((lo + hi) / 2, 100 * v), textcoords="offset points", xytext=(0, 5),
+                        ha="center", fontsize=8)
+    ax.axhline(100 * diag.chance, color="0.4", linestyle=":", linewidth=1.2,
+               label=f"chance (same label at random) {100 * diag.chance:.1f}")
+    if diag.count:
+        ax.axvline(diag.count + 0.5, color="black", linestyle="--", linewidth=1.2,
+                   label=f"anchor cut-off: {diag.count} anchors")
+    text = "no anchors this round" if diag.anchors is None else f"anchors: {100 * diag.anchors:.1f}%"
+    if diag.rest is not None and diag.anchors is not None:
+        text += f"\nthe rest: {100 * diag.rest:.1f}%"
+    text += f"\nall samples: {100 * diag.all:.1f}%" if diag.all is not None else ""
+    ax.text(0.98, 0.96, text, transform=ax.transAxes, ha="right", va="top", fontsize=9,
+            bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"))
+    ax.set_xlim(0.5, n + 0.5)
+    ax.set_ylim(0, 105)
+    ax.set_title(f"Round {round_}: neighbourhood class-consistency by entropy rank")
+    ax.set_xlabel(f"entropy rank (1 = lowest entropy, of {n} samples)")
+    ax.set_ylabel("neighbours with the sample's label (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.text(0.01, 0.01, "labels used for this picture only", fontsize=7, color="0.4")
     fig.tight_layout()
     return _save(fig, path)

@@ -19,9 +19,11 @@ class Report:
         self.dir, self.log, self.enabled = run_dir, log, enabled
 
     def discovery(self, round_: int, curriculum, data, step: int) -> None:
-        """Anchors with their neighbours, and the entropy histogram with the anchor cut-off."""
+        """Anchors with their neighbours, the entropy histogram with the anchor cut-off, and the
+        consistency-by-entropy diagnostic."""
         if not self.enabled:
             return
+        self.diagnostics(round_, curriculum, data.train.labels, step)
         from . import plots
         nb = curriculum.nbhd
         grid = plots.anchor_grid(self.dir / f"anchors-round{round_}.png", nb.entropy, nb.neighbours,
@@ -31,6 +33,24 @@ class Report:
         for key, path in (("pictures/anchors", grid), ("pictures/entropy", hist)):
             if path is not None:
                 self.log.image(key, path, step)
+
+    def diagnostics(self, round_: int, curriculum, labels, step: int) -> None:
+        """Neighbourhood consistency by entropy decile and of the anchors against the rest:
+        metrics, one console line and one picture; one line instead when there are no labels."""
+        from .method.diagnostics import diagnose
+        nb = curriculum.nbhd
+        diag = diagnose(nb.entropy, nb.neighbours, curriculum.anchor, labels)
+        if diag is None:
+            self.log.info(f"round {round_}: no labels (fewer than two classes), so no consistency diagnostic")
+            return
+        self.log.event(event="diagnostics", round=round_, step=step, **diag.metrics())
+        self.log.info(f"round {round_} consistency by entropy decile (lowest first): "
+                      + " ".join(fmt(v, ".2f") for v in diag.deciles)
+                      + f"; anchors {fmt(diag.anchors, '.3f')}, rest {fmt(diag.rest, '.3f')}, "
+                      f"chance {diag.chance:.3f}")
+        from . import plots
+        path = plots.consistency_chart(self.dir / f"consistency-round{round_}.png", diag, round_)
+        self.log.image("pictures/consistency", path, step)
 
     def rounds(self, rows: list[dict], step: int) -> None:
         if not self.enabled:

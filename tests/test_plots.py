@@ -177,7 +177,12 @@ def test_plot_runs_draws_two_runs_in_one_chart(real_run, tmp_path):
     assert first.startswith(f"demo/{real_run.name}:")
     assert f"r1={summary['rounds'][1]['knn_top1']:.2f}" in first
     assert f"demo_instance/{other.name} [instance]: kNN top-1 r0=20.00 r1=23.00 r2=26.00" in done.stdout
+    # consistency beside it: the anchors' per round, all samples' from the diagnostic lines
+    (diag,) = [json.loads(l) for l in (real_run / "metrics.jsonl").read_text().splitlines() if '"diagnostics"' in l]
+    assert f"r1={summary['rounds'][1]['consistency']:.3f}/{diag['all_consistency']:.3f}" in first
+    assert "consistency anchors/all r0=-/- r1=0.550/- r2=0.600/-" in done.stdout
     image = pixels(tmp_path / "cmp.png")
+    assert image.shape[1] == 1300                       # two panels: kNN, consistency
     assert share_of(image, BLUE, 0) > 0.001 and share_of(image, ORANGE, 0) > 0.001
 
 

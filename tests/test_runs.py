@@ -220,6 +220,9 @@ def test_instance_baseline_makes_no_anchors_and_trains_the_same_steps(tmp_path):
     assert steps["and"] == steps["instance"] > 0
     anchors = {m: [e["anchors"] for e in ev if e["event"] == "round"] for m, ev in runs.items()}
     assert anchors == {"and": [0, 50], "instance": [0, 0]}
+    diag = {m: [(e["round"], e["anchor_consistency"] is None, 0 <= e["all_consistency"] <= 1)
+                for e in ev if e["event"] == "diagnostics"] for m, ev in runs.items()}
+    assert diag == {"and": [(1, False, True)], "instance": [(1, True, True)]}   # neighbourhoods, no anchors
     # the pictures of a 2-round run: anchors with neighbours, entropy histogram, per-round chart
     sizes = {}
     for name in ("anchors-round1.png", "entropy-round1.png", "rounds.png"):

@@ -48,6 +48,11 @@ def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_ru
     assert len(steps) == 3 * 2 * 4 and all({"round", "epoch", "step", "loss", "lr"} <= e.keys() for e in steps)
     disc = [e for e in events if e["event"] == "discovery"]
     assert [e["anchors"] for e in disc] == [125, 250] and all(0 <= e["consistency"] <= 1 for e in disc)
+    diag = [e for e in events if e["event"] == "diagnostics"]         # AND's diagnostic, every discovery
+    assert [e["round"] for e in diag] == [1, 2] and [e["anchors"] for e in diag] == [125, 250]
+    assert all(0 <= e[f"decile{b}_consistency"] <= 1 for e in diag for b in range(1, 11))
+    assert [e["anchor_consistency"] for e in diag] == pytest.approx([e["consistency"] for e in disc])
+    assert all((run / f"consistency-round{r}.png").stat().st_size > 10_000 for r in (1, 2))
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["final_knn_top1"] <= 100 and "test set" in summary["best_note"]
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]

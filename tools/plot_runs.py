@@ -1,12 +1,13 @@
 """kNN top-1 per round of several runs in one chart, to compare configurations (for instance AND
-against the `curriculum.method=instance` baseline at the same budget).
+against the `curriculum.method=instance` baseline at the same budget), with the neighbourhood
+consistency of each discovery beside it: the anchors' and all samples'.
 
     python tools/plot_runs.py RUN [RUN ...] [--out FILE.png]
 
 A RUN is a run directory. Its rounds come from summary.json ("rounds") and from the "round"
-lines of metrics.jsonl (so a run still in progress shows the rounds it has finished); nothing
-else in it is read but config.yaml, for the line's label. Exit status 2 with one line when a
-path is not a run.
+lines of metrics.jsonl (so a run still in progress shows the rounds it has finished), the
+all-sample consistency from its "diagnostics" lines; nothing else in it is read but
+config.yaml, for the line's label. Exit status 2 with one line when a path is not a run.
 """
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ from and_dist.errors import EXIT_USER_ERROR, UserError
 from and_dist.plots import compare_chart
 
 
+DIAGNOSTIC_KEYS = ("all_consistency", "chance_consistency")
+
+
 def round_rows(run: Path) -> list[dict]:
     """The run's per-round rows, by round number; metrics.jsonl (newer while a run goes on)
-    wins over summary.json."""
+    wins over summary.json. A round's row takes the all-sample consistency of its discovery
+    from the "diagnostics" lines, where the run wrote them."""
     summary, metrics = run / "summary.json", run / "metrics.jsonl"
     if not run.is_dir() or not (summary.is_file() or metrics.is_file()):
         raise UserError(f"{run} is not a run directory (it has no summary.json or metrics.jsonl)")
@@ -34,6 +39,7 @@ def round_rows(run: Path) -> list[dict]:
         except (json.JSONDecodeError, AttributeError) as e:
             raise UserError(f"{summary} is not a run summary ({e})") from None
         by_round.update((r["round"], r) for r in rows)
+    diagnostics = {}
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
@@ -42,7 +48,9 @@ def round_rows(run: Path) -> list[dict]:
                 continue
             if isinstance(row, dict) and row.get("event") == "round":
                 by_round[row["round"]] = row
-    return [by_round[r] for r in sorted(by_round)]
+            elif isinstance(row, dict) and row.get("event") == "diagnostics":
+                diagnostics[row["round"]] = {k: row.get(k) for k in DIAGNOSTIC_KEYS}
+    return [{**by_round[r], **diagnostics.get(r, {})} for r in sorted(by_round)]
 
 
 def label(run: Path) -> str:
@@ -58,6 +66,10 @@ def label(run: Path) -> str:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _frac(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     path = compare_chart(args.out, series)
     for key, rows in series.items():
-        print(f"{key}: kNN top-1 " + " ".join(f"r{r['round']}={_pct(r.get('knn_top1'))}" for r in rows))
+        print(f"{key}: kNN top-1 " + " ".join(f"r{r['round']}={_pct(r.get('knn_top1'))}" for r in rows)
+              + "; consistency anchors/all " + " ".join(f"r{r['round']}={_frac(r.get('consistency'))}/"
+                                                      f"{_frac(r.get('all_consistency'))}" for r in rows))
     print(f"wrote {path}")
     return 0
 
