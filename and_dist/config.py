@@ -17,6 +17,7 @@ import yaml
 
 from . import files
 from .data import MAX_CACHED_SIZE, SOURCES, check_root
+from .data.layout import check_layout_keys
 from .errors import UserError
 from .models import ARCHS
 from .typed import (AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, PROBABILITY, SCALE_RANGE,
@@ -48,6 +49,9 @@ class DataConfig:
     prefetch: int = opt(2, check=NON_NEGATIVE)  # in-memory data: batches built ahead on a worker thread; 0 = in the step
     compile_augment: bool = True  # CUDA: colour jitter as a few fused kernels (torch.compile), eager if that fails
     eval_resize: int = opt(0, check=NON_NEGATIVE)  # streamed eval: shorter side before the centre crop; 0 = image_size*256/224
+    classes: str = opt("", "file of wnids, one a line: train and evaluate on those classes only (imagenet100.txt ships)")
+    val_labels: str = opt("", "label file of a flat val/ folder: devkit ground truth, LOC_val_solution.csv or val.txt")
+    val_ids: str = opt("", "the devkit's meta.mat or `id wnid` lines; default: meta.mat beside data.val_labels")
     demo_train: int = opt(5000, check=POSITIVE)
     demo_test: int = opt(1000, check=POSITIVE)
     demo_seed: int = 0
@@ -188,6 +192,10 @@ def validate(cfg: Config) -> None:
     check_fields(cfg)
     try:
         check_root(cfg.data.source, cfg.data.root, cfg.data.download)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        check_layout_keys(cfg.data)
     except UserError as e:
         raise ConfigError(str(e)) from None
     if cfg.run_dir and cfg.resume not in ("", "auto"):

@@ -56,9 +56,10 @@ class FileIndex:
         return SplitInfo(torch.from_numpy(self.labels), list(self.classes), list(self.skipped))
 
 
-def tree_key(split_dir: str, classes: list[str]) -> str:
-    """Hash of the root, the class list and the folder mtimes: cheap (one stat per class)."""
-    h = hashlib.sha256(os.fsencode(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}"))
+def tree_key(split_dir: str, classes: list[str], extra: str = "") -> str:
+    """Hash of the root, the class list, the folder mtimes (cheap: one stat per class) and `extra`
+    (a flat folder's label files)."""
+    h = hashlib.sha256(os.fsencode(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}|{extra}"))
     for cls in classes:
         cdir = os.path.join(split_dir, cls)
         h.update(os.fsencode(f"|{cls}:{os.stat(cdir).st_mtime_ns if os.path.isdir(cdir) else -1}"))
@@ -88,9 +89,10 @@ def check_image(path: str) -> tuple[int, int, str, str | None]:
         return 0, 0, "", f"{type(e).__name__}: {e}"
 
 
-def _build(root: str, split: str, classes: list[str], workers: int, progress: bool, log=None) -> FileIndex:
+def _build(root: str, split: str, classes: list[str], workers: int, progress: bool, log=None,
+           listing=None) -> FileIndex:
     split_dir = os.path.join(root, split)
-    paths, labels = list_split(root, split, classes, log)
+    paths, labels = listing(split, log) if listing else list_split(root, split, classes, log)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checks = list(tqdm(pool.map(check_image, paths, chunksize=64), total=len(paths), unit="img",
                            desc=f"check {split}", leave=False, disable=not progress))
@@ -128,13 +130,14 @@ def _load(path: str, split_dir: str) -> FileIndex:
 
 
 def load_index(root: str, split: str, classes: list[str], cache_dir: str | None, workers: int,
-               log=print, progress: bool = True, verify: bool = True) -> FileIndex:
+               log=print, progress: bool = True, verify: bool = True, listing=None, extra: str = "") -> FileIndex:
     """The split's checked file list: from the cache when the tree is unchanged, else built (and
-    cached). Each unreadable file is logged once, when the list is built."""
+    cached). Each unreadable file is logged once, when the list is built. `listing(split, log)`:
+    (paths, labels) other than class folders' (layout.Layout.listing), `extra` what it depends on."""
     split_dir = os.path.join(root, split)
     cache_path = None
     if cache_dir:
-        cache_path = os.path.join(cache_dir, f"index-{split}-{tree_key(split_dir, classes)}.pt")
+        cache_path = os.path.join(cache_dir, f"index-{split}-{tree_key(split_dir, classes, extra)}.pt")
         if os.path.exists(cache_path):
             try:
                 index = _load(cache_path, split_dir)
@@ -151,7 +154,7 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
                 log(f"file list cache {cache_path} is unreadable ({type(e).__name__}: {e}); "
                     f"listing and checking {split_dir} again")
     log(f"listing and checking the images of {split_dir} once ({workers} threads; the list is cached)")
-    index = _build(root, split, classes, workers, progress, log)
+    index = _build(root, split, classes, workers, progress, log, listing)
     for path, reason in index.skipped:
         log(f"skipping unreadable image {path}: {reason}")
     if cache_path:
