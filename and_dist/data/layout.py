@@ -46,11 +46,12 @@ def read_classes(path: str, train_classes: list[str]) -> list[str]:
 
 
 def check_layout_keys(d) -> None:
-    """data.classes, data.val_labels and data.val_ids name existing files, of an imagefolder tree."""
+    """data.classes, data.val_labels and data.val_ids name existing files (an imagefolder tree's
+    keys: other sources ignore them, as they ignore data.root's layout)."""
+    if d.source != "imagefolder":
+        return
     for key in ("classes", "val_labels", "val_ids"):
         value = getattr(d, key)
-        if value and d.source != "imagefolder":
-            raise UserError(f"data.{key} is for an ImageFolder tree (data.source=imagefolder), not data.source={d.source}")
         if value and not os.path.isfile(find_file(value)):
             raise UserError(f"data.{key}: {value} is not a file")
     if d.val_ids and not d.val_labels:
