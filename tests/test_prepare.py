@@ -82,9 +82,11 @@ def test_prepare_killed_midway_resumes_to_the_output_of_a_run_left_alone(tmp_pat
     assert all(check_image(str(dst / name))[3] is None for name in images)
 
 
-def test_prepare_bad_arguments_are_one_line_exit_2(tmp_path):
+def test_prepare_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
+    from and_dist.prepare import main
     for args in ([str(tmp_path / "none"), str(tmp_path / "out"), "--shorter-side=64"],
-                 [str(tmp_path), str(tmp_path / "inside"), "--shorter-side=64"]):
-        proc = subprocess.run([sys.executable, "-m", "and_dist.prepare", *args], cwd=REPO, env=ENV, text=True,
-                              capture_output=True, timeout=60)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+                 [str(tmp_path), str(tmp_path / "inside"), "--shorter-side=64"],
+                 [str(tmp_path), str(tmp_path / "out"), "--shorter-side=0"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
