@@ -2,6 +2,7 @@
 Kaggle's LOC_val_solution.csv or a plain val.txt; a class subset (data.classes); both loaders
 under 2 ranks on such a tree."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,18 @@ def test_a_flat_val_trains_and_evaluates_under_two_ranks(flat, tmp_path, loader)
     assert len(_events(run, "round")) == 1
     assert 0 <= json.loads((run / "summary.json").read_text())["final_knn_top1"] <= 100
     assert torch.isfinite(_final_bank(run)).all()
+
+
+def test_a_long_check_logs_its_progress_with_an_eta_when_no_bar_is_shown(flat, tmp_path):
+    """Not on a terminal (a SLURM log), the first start's check says how far it is and how long is left."""
+    import and_dist.data.index as index_module
+    root, _ = flat
+    lines, chunk = [], index_module.CHUNK
+    index_module.CHUNK = 4                         # tiny tasks, so a 36-file tree reports several times
+    try:
+        got = index_module.parallel(index_module.check_image, sorted(map(str, (root / "train").rglob("*.JPEG"))),
+                                    2, "check train", False, lines.append, every=0)
+    finally:
+        index_module.CHUNK = chunk
+    assert len(got) == 36 and all(c[3] is None for c in got)
+    assert lines and all(re.fullmatch(r"check train: \d+/36 files \(\d+%\), \d+ s, ETA \d+ s", s) for s in lines), lines

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -66,12 +67,32 @@ def tree_key(split_dir: str, classes: list[str], extra: str = "") -> str:
     return h.hexdigest()[:20]
 
 
-def stamps(paths: list[str], workers: int, progress: bool = False, desc: str = "stat") -> np.ndarray:
+CHUNK = 1024          # files per thread task: a future per file costs more than its stat
+
+
+def parallel(fn, items: list, workers: int, desc: str, progress: bool = False, log=None,
+             every: float = 30.0) -> list:
+    """[fn(x) for x in items] in threads, CHUNK items a task, in order. Progress: a bar on a
+    terminal (`progress`), else a line to `log` every `every` seconds with the count and an ETA."""
+    chunks = [items[a: a + CHUNK] for a in range(0, len(items), CHUNK)]
+    out, t0, last = [], time.monotonic(), time.monotonic()
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(items), unit="file", desc=desc, leave=False, disable=not progress) as bar:
+        for part in pool.map(lambda chunk: [fn(x) for x in chunk], chunks):
+            out += part
+            bar.update(len(part))
+            now = time.monotonic()
+            if log is not None and not progress and now - last >= every and len(out) < len(items):
+                last, rate = now, len(out) / (now - t0)
+                log(f"{desc}: {len(out)}/{len(items)} files ({100 * len(out) // len(items)}%), "
+                    f"{now - t0:.0f} s, ETA {(len(items) - len(out)) / rate:.0f} s")
+    return out
+
+
+def stamps(paths: list[str], workers: int, progress: bool = False, desc: str = "stat", log=None) -> np.ndarray:
     """`folder.file_stamp` of each file, in threads: int64 (N, 2)."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        found = tqdm(pool.map(file_stamp, paths, chunksize=256), total=len(paths), unit="file", desc=desc,
-                     leave=False, disable=not progress)
-        return np.asarray(list(found), dtype=np.int64).reshape(-1, 2)
+    found = parallel(file_stamp, paths, workers, desc, progress, log)
+    return np.asarray(found, dtype=np.int64).reshape(-1, 2)
 
 
 def check_image(path: str) -> tuple[int, int, str, str | None]:
@@ -93,9 +114,7 @@ def _build(root: str, split: str, classes: list[str], workers: int, progress: bo
            listing=None) -> FileIndex:
     split_dir = os.path.join(root, split)
     paths, labels = listing(split, log) if listing else list_split(root, split, classes, log)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        checks = list(tqdm(pool.map(check_image, paths, chunksize=64), total=len(paths), unit="img",
-                           desc=f"check {split}", leave=False, disable=not progress))
+    checks = parallel(check_image, paths, workers, f"check {split}", progress, log)
     keep = [i for i, c in enumerate(checks) if c[3] is None]
     formats = sorted({checks[i][2] for i in keep})
     stamped = stamps([paths[i] for i in keep], workers)
@@ -143,8 +162,10 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
                 index = _load(cache_path, split_dir)
                 changed = 0
                 if verify:
-                    now = stamps([index.path(i) for i in range(len(index))], workers, progress,
-                                 f"compare {split} with its cached list")
+                    prefix = os.path.join(split_dir, "")                  # no path list: one join per stat
+                    now = np.asarray(parallel(lambda name: file_stamp(prefix + name), index.names, workers,
+                                              f"compare {split} with its cached list", progress, log),
+                                     dtype=np.int64).reshape(-1, 2)
                     changed = int((now != index.stamps).any(1).sum())
                 if index.classes == list(classes) and not changed:
                     return index
