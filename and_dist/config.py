@@ -17,7 +17,7 @@ import yaml
 
 from . import files
 from .data import MAX_CACHED_SIZE, SOURCES, check_root
-from .data.layout import check_layout_keys
+from .data.layout import check_layout_keys, find_file
 from .errors import UserError
 from .models import ARCHS
 from .typed import (AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, PROBABILITY, SCALE_RANGE,
@@ -243,6 +243,8 @@ def load_config(config: str, overrides: list[str]) -> Config:
     cfg.out_dir = os.path.expanduser(cfg.out_dir)
     if cfg.data.root:  # relative to the launch directory; stored absolute so the run is portable
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    for key in ("classes", "val_labels", "val_ids"):   # absolute too (a shipped list: its path in configs/)
+        setattr(cfg.data, key, find_file(getattr(cfg.data, key)))
     validate(cfg)
     return cfg
 

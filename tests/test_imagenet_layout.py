@@ -151,7 +151,7 @@ def test_the_imagenet100_list_is_cmc_s_hundred_wnids(flat):
     assert len(lines) == len(set(lines)) == 100 and lines[0] == "n02869837" and lines[-1] == "n02090622"
     from and_dist.config import load_config
     cfg = load_config("imagenet100_resnet18", [f"data.root={flat[0]}"])
-    assert cfg.data.classes == "imagenet100.txt" and cfg.data.loader != "cached"
+    assert cfg.data.classes == str(REPO / "configs" / "imagenet100.txt") and cfg.data.loader != "cached"
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
