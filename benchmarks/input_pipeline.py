@@ -17,7 +17,7 @@ content with noise, quality 90, ~100 KiB) are generated once under --cache.
 
 --resized: instead, each loader on an original tree against its copy by and_dist.prepare
 (shorter side image_size x 256/224, the evaluation resize), same config and augmentations, the
-`batches` figure. Without --root the original tree is --images JPEGs of ImageNet's size
+`decode` and `batches` figures. Without --root the original tree is --images JPEGs of ImageNet's size
 distribution: 97% with shorter side ~N(290, 60) px and aspect 1.1-1.5, 3% large (longer side
 2,000-3,200 px), mean about 400 x 350; the mean and the largest size are printed.
 
@@ -128,9 +128,9 @@ def describe(index) -> str:
 
 
 def compare_resized(args) -> None:
-    """`batches` images/s of each loader on the original tree and on its prepared copy."""
+    """`decode` and `batches` images/s of each loader on the original tree and on its prepared copy."""
     from and_dist.prepare import prepare
-    side = round(args.size * 256 / 224)
+    side = args.side or round(args.size * 256 / 224)
     src = Path(args.root) if args.root else make_folder(Path(args.cache) / "imagenet-sizes", args.images,
                                                        write=_write_imagenet_jpeg)
     dst = Path(args.cache) / f"{src.name}-{side}"
@@ -141,13 +141,15 @@ def compare_resized(args) -> None:
     for tree in (src, dst):
         for loader in ("dali", "torch"):
             data = loader_data(tree, loader, args)
-            results[tree, loader] = max(rate(data, "batches", e, args.steps) for e in range(args.repeats))
+            for what in ("decode", "batches"):
+                results[tree, loader, what] = max(rate(data, what, e, args.steps) for e in range(args.repeats))
         print(f"{tree}/train: {len(data.index['train'])} JPEGs, {describe(data.index['train'])}")
     print(f"{args.size} px crops, batch {args.batch}, {args.workers} workers, {os.cpu_count()} CPUs, device {args.device}")
-    print(f"{'batches/s':10s} {'original':>9s} {'resized':>9s} {'speed-up':>9s}")
+    print(f"{'images/s':16s} {'original':>9s} {'resized':>9s} {'speed-up':>9s}")
     for loader in ("dali", "torch"):
-        a, b = results[src, loader], results[dst, loader]
-        print(f"{loader:10s} {a:9.1f} {b:9.1f} {b / a:8.2f}x")
+        for what in ("decode", "batches"):
+            a, b = results[src, loader, what], results[dst, loader, what]
+            print(f"{loader + ' ' + what:16s} {a:9.1f} {b:9.1f} {b / a:8.2f}x")
 
 
 def main() -> None:
@@ -162,6 +164,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="batches per timed epoch; 0 = all")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: DALI's mixed (nvJPEG) decoder")
     ap.add_argument("--resized", action="store_true", help="original tree against its and_dist.prepare copy")
+    ap.add_argument("--side", type=int, default=0, help="--resized: shorter side of the copy; 0 = size x 256/224")
     args = ap.parse_args()
     torch.set_num_threads(args.workers)
     if args.resized:
