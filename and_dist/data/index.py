@@ -71,28 +71,37 @@ CHUNK = 1024          # files per thread task: a future per file costs more than
 
 
 def parallel(fn, items: list, workers: int, desc: str, progress: bool = False, log=None,
-             every: float = 30.0) -> list:
-    """[fn(x) for x in items] in threads, CHUNK items a task, in order. Progress: a bar on a
-    terminal (`progress`), else a line to `log` every `every` seconds with the count and an ETA."""
+             every: float = 30.0, per_chunk: bool = False) -> list:
+    """[fn(x) for x in items] in threads, CHUNK items a task, in order (per_chunk: [fn(chunk) for
+    each chunk], e.g. an array per chunk instead of a Python object per file). Progress: a bar on
+    a terminal (`progress`), else a line to `log` every `every` seconds with the count and an ETA."""
     chunks = [items[a: a + CHUNK] for a in range(0, len(items), CHUNK)]
-    out, t0, last = [], time.monotonic(), time.monotonic()
+    task = fn if per_chunk else (lambda chunk: [fn(x) for x in chunk])
+    out, done, t0, last = [], 0, time.monotonic(), time.monotonic()
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(items), unit="file", desc=desc, leave=False, disable=not progress) as bar:
-        for part in pool.map(lambda chunk: [fn(x) for x in chunk], chunks):
-            out += part
-            bar.update(len(part))
+        for chunk, part in zip(chunks, pool.map(task, chunks)):
+            if per_chunk:
+                out.append(part)
+            else:
+                out += part
+            done += len(chunk)
+            bar.update(len(chunk))
             now = time.monotonic()
-            if log is not None and not progress and now - last >= every and len(out) < len(items):
-                last, rate = now, len(out) / (now - t0)
-                log(f"{desc}: {len(out)}/{len(items)} files ({100 * len(out) // len(items)}%), "
-                    f"{now - t0:.0f} s, ETA {(len(items) - len(out)) / rate:.0f} s")
+            if log is not None and not progress and now - last >= every and done < len(items):
+                last, rate = now, done / (now - t0)
+                log(f"{desc}: {done}/{len(items)} files ({100 * done // len(items)}%), "
+                    f"{now - t0:.0f} s, ETA {(len(items) - done) / rate:.0f} s")
     return out
 
 
-def stamps(paths: list[str], workers: int, progress: bool = False, desc: str = "stat", log=None) -> np.ndarray:
-    """`folder.file_stamp` of each file, in threads: int64 (N, 2)."""
-    found = parallel(file_stamp, paths, workers, desc, progress, log)
-    return np.asarray(found, dtype=np.int64).reshape(-1, 2)
+def stamps(paths: list[str], workers: int, progress: bool = False, desc: str = "stat", log=None,
+           prefix: str = "") -> np.ndarray:
+    """`folder.file_stamp` of each file `prefix + path`, in threads: int64 (N, 2)."""
+    def chunk_stamps(chunk: list[str]) -> np.ndarray:
+        return np.asarray([file_stamp(prefix + p) for p in chunk], dtype=np.int64).reshape(-1, 2)
+    parts = parallel(chunk_stamps, paths, workers, desc, progress, log, per_chunk=True)
+    return np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
 
 
 def check_image(path: str) -> tuple[int, int, str, str | None]:
@@ -162,10 +171,8 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
                 index = _load(cache_path, split_dir)
                 changed = 0
                 if verify:
-                    prefix = os.path.join(split_dir, "")                  # no path list: one join per stat
-                    now = np.asarray(parallel(lambda name: file_stamp(prefix + name), index.names, workers,
-                                              f"compare {split} with its cached list", progress, log),
-                                     dtype=np.int64).reshape(-1, 2)
+                    now = stamps(index.names, workers, progress, f"compare {split} with its cached list", log,
+                                 prefix=os.path.join(split_dir, ""))             # no list of full paths
                     changed = int((now != index.stamps).any(1).sum())
                 if index.classes == list(classes) and not changed:
                     return index
