@@ -19,6 +19,7 @@ import yaml
 
 from . import files
 from .data import LOADERS, MAX_CACHED_SIZE, SOURCES, check_root
+from .data.layout import check_layout_keys, find_file
 from .errors import UserError
 from .method.attention import KERNELS as BANK_KERNELS
 from .method.curriculum import METHODS
@@ -63,6 +64,9 @@ class DataConfig:
                                 "that fails")
     eval_resize: int = opt(0, "streamed evaluation: shorter side before the centre crop; 0 = image_size x 256/224",
                            check=NON_NEGATIVE)
+    classes: str = opt("", "file of wnids, one a line: train and evaluate on those classes only (imagenet100.txt ships)")
+    val_labels: str = opt("", "label file of a flat val/ folder: devkit ground truth, LOC_val_solution.csv or val.txt")
+    val_ids: str = opt("", "the devkit's meta.mat or `id wnid` lines; default: meta.mat beside data.val_labels")
     demo_train: int = opt(5000, "demo source: train images generated", check=POSITIVE)
     demo_test: int = opt(1000, "demo source: test images generated", check=POSITIVE)
     demo_seed: int = opt(0, "demo source: the generator's seed")
@@ -233,6 +237,7 @@ def validate(cfg: Config, check_data: bool = True) -> None:
     if check_data:
         try:
             check_root(cfg.data.source, cfg.data.root, cfg.data.download)
+            check_layout_keys(cfg.data)
         except UserError as e:
             raise ConfigError(str(e)) from None
     d = cfg.data
@@ -292,6 +297,8 @@ def load_config(config: str, overrides: list[str], base: Config | None = None, c
     cfg.out_dir = os.path.expanduser(cfg.out_dir)
     if cfg.data.root:  # relative to the launch directory; stored absolute so the run is portable
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    for key in ("classes", "val_labels", "val_ids"):   # absolute too (a shipped list: its path in configs/)
+        setattr(cfg.data, key, find_file(getattr(cfg.data, key)))
     validate(cfg, check_data)
     return cfg
 

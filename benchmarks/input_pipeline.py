@@ -15,7 +15,14 @@ read-ahead buffer cannot flatter it; the file list (index.py) is built before ti
 --root, --images JPEGs of ImageNet-like sizes (shorter side 300-450, aspect 5:4 to 3:2, smooth
 content with noise, quality 90, ~100 KiB) are generated once under --cache.
 
+--resized: instead, each loader on an original tree against its copy by and_dist.prepare
+(shorter side image_size x 256/224, the evaluation resize), same config and augmentations, the
+`decode` and `batches` figures. Without --root the original tree is --images JPEGs of ImageNet's size
+distribution: 97% with shorter side ~N(290, 60) px and aspect 1.1-1.5, 3% large (longer side
+2,000-3,200 px), mean about 400 x 350; the mean and the largest size are printed.
+
 Run:  .venv/bin/python benchmarks/input_pipeline.py                           # generated, 224 px, 2 workers
+      .venv/bin/python benchmarks/input_pipeline.py --resized --images 400   # original vs resized copy
       .venv/bin/python benchmarks/input_pipeline.py --device cuda --workers 8 --images 4000 --batch 256
       .venv/bin/python benchmarks/input_pipeline.py --root /datasets/imagenet --workers 8 --steps 200
 """
@@ -54,7 +61,30 @@ def _write_jpeg(job: tuple[Path, int]) -> None:
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def make_folder(root: Path, count: int, classes: int = 10) -> Path:
+def imagenet_shape(rng) -> tuple[int, int]:
+    """(height, width) drawn from ImageNet's size distribution (see --resized)."""
+    if rng.random() < 0.03:
+        long = int(rng.integers(2000, 3201))
+        short = int(long / rng.uniform(1.25, 1.5))
+    else:
+        short = int(np.clip(rng.normal(290, 60), 80, 500))
+        long = int(short * rng.uniform(1.1, 1.5))
+    return (short, long) if rng.random() < 0.75 else (long, short)
+
+
+def _write_imagenet_jpeg(job: tuple[Path, int]) -> None:
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    h, w = imagenet_shape(rng)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / 64
+    f = rng.uniform(0.5, 2, 6)
+    img = 128 + 80 * np.stack([np.sin(f[0] * xx + f[1] * yy), np.cos(f[2] * yy - f[3] * xx),
+                               np.sin(f[4] * (xx + yy)) * np.cos(f[5] * xx)], -1)
+    img += rng.normal(0, 12, (h, w, 1)).astype(np.float32)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_folder(root: Path, count: int, classes: int = 10, write=_write_jpeg) -> Path:
     """`count` ImageNet-like JPEGs in train/ (and a few in test/); kept if already there."""
     done = root / f".complete-{count}"
     if done.exists():
@@ -66,7 +96,7 @@ def make_folder(root: Path, count: int, classes: int = 10) -> Path:
             d.mkdir(parents=True, exist_ok=True)
             jobs.append((d / f"{k:06d}.JPEG", len(jobs)))
     with Pool() as pool:
-        pool.map(_write_jpeg, jobs, chunksize=16)
+        pool.map(write, jobs, chunksize=4)
     done.touch()
     return root
 
@@ -84,6 +114,44 @@ def rate(data, what: str, epoch: int, steps: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def loader_data(root: Path, loader: str, args):
+    cfg = load_config("demo", ["data.source=imagefolder", f"data.root={root}", f"data.loader={loader}",
+                               f"data.image_size={args.size}", f"data.workers={args.workers}",
+                               f"train.batch_size={args.batch}"])
+    return build_data(cfg, Env(device=torch.device(args.device)), str(Path(args.cache) / "index"), print, False)
+
+
+def describe(index) -> str:
+    kib = np.mean([os.path.getsize(index.path(i)) for i in range(len(index))]) / 1024
+    h, w = index.sizes.mean(0)
+    return f"{kib:.0f} KiB, mean {w:.0f}x{h:.0f} px, largest side {index.sizes.max()} px"
+
+
+def compare_resized(args) -> None:
+    """`decode` and `batches` images/s of each loader on the original tree and on its prepared copy."""
+    from and_dist.prepare import prepare
+    side = args.side or round(args.size * 256 / 224)
+    src = Path(args.root) if args.root else make_folder(Path(args.cache) / "imagenet-sizes", args.images,
+                                                       write=_write_imagenet_jpeg)
+    dst = Path(args.cache) / f"{src.name}-{side}"
+    t0 = time.perf_counter()
+    counts = prepare(str(src), str(dst), side, workers=args.workers, progress=False)
+    print(f"prepare --shorter-side {side}: {time.perf_counter() - t0:.1f} s ({counts})")
+    results = {}
+    for tree in (src, dst):
+        for loader in ("dali", "torch"):
+            data = loader_data(tree, loader, args)
+            for what in ("decode", "batches"):
+                results[tree, loader, what] = max(rate(data, what, e, args.steps) for e in range(args.repeats))
+        print(f"{tree}/train: {len(data.index['train'])} JPEGs, {describe(data.index['train'])}")
+    print(f"{args.size} px crops, batch {args.batch}, {args.workers} workers, {os.cpu_count()} CPUs, device {args.device}")
+    print(f"{'images/s':16s} {'original':>9s} {'resized':>9s} {'speed-up':>9s}")
+    for loader in ("dali", "torch"):
+        for what in ("decode", "batches"):
+            a, b = results[src, loader, what], results[dst, loader, what]
+            print(f"{loader + ' ' + what:16s} {a:9.1f} {b:9.1f} {b / a:8.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="", help="ImageFolder tree (train/ and test/ or val/); default: generated")
@@ -95,15 +163,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=0, help="batches per timed epoch; 0 = all")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: DALI's mixed (nvJPEG) decoder")
+    ap.add_argument("--resized", action="store_true", help="original tree against its and_dist.prepare copy")
+    ap.add_argument("--side", type=int, default=0, help="--resized: shorter side of the copy; 0 = size x 256/224")
     args = ap.parse_args()
-    root = Path(args.root) if args.root else make_folder(Path(args.cache) / "jpegs", args.images)
     torch.set_num_threads(args.workers)
+    if args.resized:
+        return compare_resized(args)
+    root = Path(args.root) if args.root else make_folder(Path(args.cache) / "jpegs", args.images)
     results = {}
     for loader in ("dali", "torch"):
-        cfg = load_config("demo", ["data.source=imagefolder", f"data.root={root}", f"data.loader={loader}",
-                                   f"data.image_size={args.size}", f"data.workers={args.workers}",
-                                   f"train.batch_size={args.batch}"])
-        data = build_data(cfg, Env(device=torch.device(args.device)), str(Path(args.cache) / "index"), print, False)
+        data = loader_data(root, loader, args)
         results[loader] = {what: max(rate(data, what, e, args.steps) for e in range(args.repeats))
                            for what in ("decode", "batches")}
     index = data.index["train"]

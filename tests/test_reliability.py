@@ -6,13 +6,13 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 import torch
 
 from and_dist import checkpoint
@@ -180,15 +180,9 @@ def test_fsync_order_files_then_manifest_then_directories_then_latest(tmp_path, 
 
 # -------------------------------------------------------------------------------- a stalled rank
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it_and_the_run_resumes(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "and_dist.train", *RUN, f"run_dir={run}", "train.epochs_per_round=50",
            "train.collective_timeout=8"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

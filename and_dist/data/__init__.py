@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Batch, SplitInfo, TrainData
 from .cached import CachedData, ImageSet, load_imagefolder
-from .folder import tree_classes
+from .layout import resolve
 from .official import REQUIRED as OFFICIAL_FILES, load_official
 
 SOURCES = ("demo", "imagefolder", "cifar10", "cifar100", "svhn")
@@ -50,17 +50,18 @@ def check_root(source: str, root: str, download: bool) -> None:
 
 def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None, download: bool = False,
                   workers: int = 2, demo_train: int = 5000, demo_test: int = 1000, demo_seed: int = 0,
-                  log=print, progress: bool = True) -> tuple[ImageSet, ImageSet]:
-    """(train, test) decoded into memory for `source` (one of SOURCES)."""
+                  log=print, progress: bool = True, data_config=None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) decoded into memory for `source` (one of SOURCES); `data_config`: the data
+    section (data.classes, data.val_labels) of an imagefolder tree."""
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; valid: {', '.join(SOURCES)}")
     if source == "demo":
         from .demo import make_demo
         return make_demo(demo_train, demo_test, demo_seed, image_size)
     if source == "imagefolder":
-        classes, test = tree_classes(root)
-        sets = tuple(load_imagefolder(root, split, classes, image_size, cache_dir, workers, log, progress)
-                     for split in ("train", test))
+        layout = resolve(root, data_config)
+        sets = tuple(load_imagefolder(root, split, layout.classes, image_size, cache_dir, workers, log, progress,
+                                      layout.listing) for split in ("train", layout.test))
     else:
         from .augment import resize_uint8
         sets = tuple(ImageSet(resize_uint8(s.images, image_size), s.labels, s.classes, [])
@@ -87,9 +88,9 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
     else:
         from .pil_stream import TorchData as Loader
     from .index import load_index
-    classes, test = tree_classes(d.root)
-    train, test = (load_index(d.root, split, classes, cache_dir, d.workers, log, progress, verify)
-                   for split in ("train", test))
+    layout = resolve(d.root, d)
+    train, test = (load_index(d.root, split, layout.classes, cache_dir, d.workers, log, progress, verify,
+                              layout.listing, layout.key(split)) for split in ("train", layout.test))
     for split, index in (("train", train), ("test", test)):
         if len(index) == 0:
             raise UserError(f"data.root '{d.root}': every {split} image is unreadable "
@@ -118,7 +119,7 @@ def build_data(cfg, env, cache_dir: str | None, log, progress: bool) -> TrainDat
                                                            progress and main, verify=main))
     kwargs = dict(source=d.source, root=d.root, image_size=d.image_size, cache_dir=cache_dir,
                   download=d.download, workers=d.workers, demo_train=d.demo_train,
-                  demo_test=d.demo_test, demo_seed=d.demo_seed)
+                  demo_test=d.demo_test, demo_seed=d.demo_seed, data_config=d)
     sets = _main_first(env, lambda main: load_datasets(**kwargs, log=log if main else quiet,
                                                        progress=progress and main))
     return CachedData(*sets, cfg, env)

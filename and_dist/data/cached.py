@@ -43,9 +43,11 @@ class ImageSet:
 
 # ------------------------------------------------------------------------- imagefolder decoding
 
-def _cache_key(root: str, split: str, image_size: int, paths: list[str]) -> str:
-    """Hash of everything that changes the decoded arrays: root, split, size and each file's size+mtime."""
+def _cache_key(root: str, split: str, image_size: int, paths: list[str], labels: list[int]) -> str:
+    """Hash of everything that changes the decoded arrays: root, split, size, the labels and each
+    file's size+mtime."""
     h = hashlib.sha256(os.fsencode(f"{os.path.abspath(root)}|{split}|{image_size}"))   # any file name
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
     for p in paths:
         h.update(os.fsencode(f"|{p[len(root):]}:{file_stamp(p)}"))
     return h.hexdigest()[:20]
@@ -69,11 +71,12 @@ def _read_cache(cache_path: str, classes: list[str], log) -> ImageSet | None:
 
 
 def load_imagefolder(root: str, split: str, classes: list[str], image_size: int, cache_dir: str | None,
-                     workers: int, log, progress: bool = True) -> ImageSet:
-    paths, labels = list_split(root, split, classes, log)
+                     workers: int, log, progress: bool = True, listing=None) -> ImageSet:
+    """`listing(split, log)`: (paths, labels) other than class folders' (layout.Layout.listing)."""
+    paths, labels = listing(split, log) if listing else list_split(root, split, classes, log)
     cache_path = None
     if cache_dir:
-        key = _cache_key(root, split, image_size, paths)
+        key = _cache_key(root, split, image_size, paths, labels)
         cache_path = os.path.join(cache_dir, f"imagefolder-{split}-{image_size}-{key}.pt")
         if os.path.exists(cache_path):
             cached = _read_cache(cache_path, classes, log)

@@ -102,8 +102,8 @@ def list_split(root: str, split: str, classes: list[str], log=None) -> tuple[lis
         loose = [n for n in os.listdir(split_dir) if _is_image(n)]
         what = f"{len(loose)} images directly in it" if loose else "no class folders"
         raise UserError(f"{split_dir} has {what}: an ImageFolder split needs one sub-folder per class")
-    if split != "train":
-        _same_classes(split_dir, found, classes)
+    if split != "train" and set(classes) - set(found):       # extra folders: a subset (data.classes)
+        _same_classes(split_dir, sorted(set(found) & set(classes)), classes)
     paths, labels, empty, others = [], [], [], 0
     for label, cls in enumerate(classes):
         images, passed = _files_under(os.path.join(split_dir, cls))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,21 +57,51 @@ class FileIndex:
         return SplitInfo(torch.from_numpy(self.labels), list(self.classes), list(self.skipped))
 
 
-def tree_key(split_dir: str, classes: list[str]) -> str:
-    """Hash of the root, the class list and the folder mtimes: cheap (one stat per class)."""
-    h = hashlib.sha256(os.fsencode(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}"))
+def tree_key(split_dir: str, classes: list[str], extra: str = "") -> str:
+    """Hash of the root, the class list, the folder mtimes (cheap: one stat per class) and `extra`
+    (a flat folder's label files)."""
+    h = hashlib.sha256(os.fsencode(f"{VERSION}|{os.path.abspath(split_dir)}|{os.stat(split_dir).st_mtime_ns}|{extra}"))
     for cls in classes:
         cdir = os.path.join(split_dir, cls)
         h.update(os.fsencode(f"|{cls}:{os.stat(cdir).st_mtime_ns if os.path.isdir(cdir) else -1}"))
     return h.hexdigest()[:20]
 
 
-def stamps(paths: list[str], workers: int, progress: bool = False, desc: str = "stat") -> np.ndarray:
-    """`folder.file_stamp` of each file, in threads: int64 (N, 2)."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        found = tqdm(pool.map(file_stamp, paths, chunksize=256), total=len(paths), unit="file", desc=desc,
-                     leave=False, disable=not progress)
-        return np.asarray(list(found), dtype=np.int64).reshape(-1, 2)
+CHUNK = 1024          # files per thread task: a future per file costs more than its stat
+
+
+def parallel(fn, items: list, workers: int, desc: str, progress: bool = False, log=None,
+             every: float = 30.0, per_chunk: bool = False) -> list:
+    """[fn(x) for x in items] in threads, CHUNK items a task, in order (per_chunk: [fn(chunk) for
+    each chunk], e.g. an array per chunk instead of a Python object per file). Progress: a bar on
+    a terminal (`progress`), else a line to `log` every `every` seconds with the count and an ETA."""
+    chunks = [items[a: a + CHUNK] for a in range(0, len(items), CHUNK)]
+    task = fn if per_chunk else (lambda chunk: [fn(x) for x in chunk])
+    out, done, t0, last = [], 0, time.monotonic(), time.monotonic()
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(items), unit="file", desc=desc, leave=False, disable=not progress) as bar:
+        for chunk, part in zip(chunks, pool.map(task, chunks)):
+            if per_chunk:
+                out.append(part)
+            else:
+                out += part
+            done += len(chunk)
+            bar.update(len(chunk))
+            now = time.monotonic()
+            if log is not None and not progress and now - last >= every and done < len(items):
+                last, rate = now, done / (now - t0)
+                log(f"{desc}: {done}/{len(items)} files ({100 * done // len(items)}%), "
+                    f"{now - t0:.0f} s, ETA {(len(items) - done) / rate:.0f} s")
+    return out
+
+
+def stamps(paths: list[str], workers: int, progress: bool = False, desc: str = "stat", log=None,
+           prefix: str = "") -> np.ndarray:
+    """`folder.file_stamp` of each file `prefix + path`, in threads: int64 (N, 2)."""
+    def chunk_stamps(chunk: list[str]) -> np.ndarray:
+        return np.asarray([file_stamp(prefix + p) for p in chunk], dtype=np.int64).reshape(-1, 2)
+    parts = parallel(chunk_stamps, paths, workers, desc, progress, log, per_chunk=True)
+    return np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
 
 
 def check_image(path: str) -> tuple[int, int, str, str | None]:
@@ -88,12 +119,11 @@ def check_image(path: str) -> tuple[int, int, str, str | None]:
         return 0, 0, "", f"{type(e).__name__}: {e}"
 
 
-def _build(root: str, split: str, classes: list[str], workers: int, progress: bool, log=None) -> FileIndex:
+def _build(root: str, split: str, classes: list[str], workers: int, progress: bool, log=None,
+           listing=None) -> FileIndex:
     split_dir = os.path.join(root, split)
-    paths, labels = list_split(root, split, classes, log)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        checks = list(tqdm(pool.map(check_image, paths, chunksize=64), total=len(paths), unit="img",
-                           desc=f"check {split}", leave=False, disable=not progress))
+    paths, labels = listing(split, log) if listing else list_split(root, split, classes, log)
+    checks = parallel(check_image, paths, workers, f"check {split}", progress, log)
     keep = [i for i, c in enumerate(checks) if c[3] is None]
     formats = sorted({checks[i][2] for i in keep})
     stamped = stamps([paths[i] for i in keep], workers)
@@ -128,20 +158,21 @@ def _load(path: str, split_dir: str) -> FileIndex:
 
 
 def load_index(root: str, split: str, classes: list[str], cache_dir: str | None, workers: int,
-               log=print, progress: bool = True, verify: bool = True) -> FileIndex:
+               log=print, progress: bool = True, verify: bool = True, listing=None, extra: str = "") -> FileIndex:
     """The split's checked file list: from the cache when the tree is unchanged, else built (and
-    cached). Each unreadable file is logged once, when the list is built."""
+    cached). Each unreadable file is logged once, when the list is built. `listing(split, log)`:
+    (paths, labels) other than class folders' (layout.Layout.listing), `extra` what it depends on."""
     split_dir = os.path.join(root, split)
     cache_path = None
     if cache_dir:
-        cache_path = os.path.join(cache_dir, f"index-{split}-{tree_key(split_dir, classes)}.pt")
+        cache_path = os.path.join(cache_dir, f"index-{split}-{tree_key(split_dir, classes, extra)}.pt")
         if os.path.exists(cache_path):
             try:
                 index = _load(cache_path, split_dir)
                 changed = 0
                 if verify:
-                    now = stamps([index.path(i) for i in range(len(index))], workers, progress,
-                                 f"compare {split} with its cached list")
+                    now = stamps(index.names, workers, progress, f"compare {split} with its cached list", log,
+                                 prefix=os.path.join(split_dir, ""))             # no list of full paths
                     changed = int((now != index.stamps).any(1).sum())
                 if index.classes == list(classes) and not changed:
                     return index
@@ -151,7 +182,7 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
                 log(f"file list cache {cache_path} is unreadable ({type(e).__name__}: {e}); "
                     f"listing and checking {split_dir} again")
     log(f"listing and checking the images of {split_dir} once ({workers} threads; the list is cached)")
-    index = _build(root, split, classes, workers, progress, log)
+    index = _build(root, split, classes, workers, progress, log, listing)
     for path, reason in index.skipped:
         log(f"skipping unreadable image {path}: {reason}")
     if cache_path:

@@ -1,0 +1,163 @@
+"""`python -m and_dist.prepare SRC DST --shorter-side N`: a copy of an ImageFolder tree with every
+image resized once so that its shorter side is N pixels, re-encoded as JPEG; smaller images and
+every other file (label files, meta.mat) are copied as they are, under the same names (the label
+files name them). Then training decodes small files instead of ImageNet's originals, whose large
+ones (over 2,000 px) dominate a loader's time.
+
+Why the shorter side, not the longer: evaluation resizes the shorter side to image_size x 256/224
+and centre-crops, and RandomResizedCrop draws boxes over the whole image; a copy whose shorter
+side is at least that resize (256 for 224-px crops) keeps every aspect ratio and needs no
+upsampling at evaluation, while a longer-side bound would shrink a 4:3 image's shorter side below it.
+
+Resumable: each file is written to a hidden `.NAME.part` beside it and renamed into place
+(os.replace), so a final name never holds half a file; a file is done when its copy exists with
+the source's mtime (set on the copy), so a rerun skips it and redoes a source changed since.
+Unreadable images are left out with training's report line (`skipping unreadable image ...`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from multiprocessing import Pool
+
+from PIL import Image
+from tqdm import tqdm
+
+from .data.folder import _is_image, to_rgb
+from .errors import EXIT_USER_ERROR, UserError
+
+KEEP_FORMATS = ("JPEG", "PNG")      # small images in these formats are copied byte for byte
+
+
+def _done(src: str, dst: str) -> bool:
+    try:
+        return os.stat(dst).st_mtime_ns == os.stat(src).st_mtime_ns
+    except OSError:
+        return False
+
+
+def _tmp(dst: str) -> str:
+    head, name = os.path.split(dst)
+    return os.path.join(head, f".{name}.part")
+
+
+def _finish(src: str, tmp: str, dst: str) -> None:
+    st = os.stat(src)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, dst)
+
+
+def copy_file(src: str, dst: str) -> None:
+    tmp = _tmp(dst)
+    shutil.copyfile(src, tmp)
+    _finish(src, tmp, dst)
+
+
+def resize_image(job: tuple[str, str, int, int]) -> tuple[str, str, str | None]:
+    """(src, what was done: kept / copied / resized / skipped, reason if skipped)."""
+    src, dst, side, quality = job
+    if _done(src, dst):
+        return src, "kept", None
+    tmp = _tmp(dst)
+    try:
+        with Image.open(src) as img:
+            width, height = img.size
+            fmt = img.format
+            scale = side / min(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            if scale < 1:
+                img.draft("RGB", size)                          # JPEG: decode at the DCT scale just above
+            img.load()                                          # truncated files fail here, as in index.py
+            if width < 1 or height < 1:
+                raise ValueError("empty image")
+            if scale >= 1 and fmt in KEEP_FORMATS:
+                out = None
+            else:
+                out = to_rgb(img)
+                if scale < 1:
+                    out = out.resize(size, Image.BICUBIC)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported and left out, never fatal
+        return src, "skipped", f"{type(e).__name__}: {e}"
+    if out is None:
+        copy_file(src, dst)
+        return src, "copied", None
+    with open(tmp, "wb") as f:
+        out.save(f, "JPEG", quality=quality)
+    _finish(src, tmp, dst)
+    return src, "resized", None
+
+
+def plan(src: str, dst: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(images, other files) as (source, destination) pairs, sorted; hidden entries left out."""
+    images, others = [], []
+    for top, dirs, names in os.walk(src, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out_dir = os.path.join(dst, os.path.relpath(top, src))
+        os.makedirs(out_dir, exist_ok=True)
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            pair = (os.path.join(top, name), os.path.join(out_dir, name))
+            (images if _is_image(name) else others).append(pair)
+    return images, others
+
+
+def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, labels: tuple[str, ...] = (),
+            log=print, progress: bool = True) -> dict:
+    """Write the resized copy of `src` into `dst`; returns the counts of each outcome."""
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    if not os.path.isdir(src):
+        raise UserError(f"{src} is not a folder (an ImageFolder tree: train/<class>/..., val/ or test/)")
+    if dst == src or dst.startswith(src + os.sep):
+        raise UserError(f"the copy {dst} must lie outside {src}")
+    for path in labels:
+        if not os.path.isfile(path):
+            raise UserError(f"--labels: {path} is not a file")
+    images, others = plan(src, dst)
+    others += [(os.path.abspath(p), os.path.join(dst, os.path.basename(p))) for p in labels]
+    counts = {"kept": 0, "copied": 0, "resized": 0, "skipped": 0, "other files": 0}
+    for a, b in others:
+        if not _done(a, b):
+            copy_file(a, b)
+            counts["other files"] += 1
+    jobs = [(a, b, side, quality) for a, b in images]
+    workers = workers or os.cpu_count()
+    with Pool(workers) as pool:
+        results = pool.imap_unordered(resize_image, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
+        for path, what, reason in tqdm(results, total=len(jobs), unit="img", desc=f"resize to {side} px",
+                                       disable=not progress):
+            counts[what] += 1
+            if reason:
+                log(f"skipping unreadable image {path}: {reason}")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m and_dist.prepare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="ImageFolder tree to copy")
+    ap.add_argument("dst", help="where the resized copy goes (resumes a copy left unfinished there)")
+    ap.add_argument("--shorter-side", type=int, required=True, metavar="N",
+                    help="shorter side of the copies in px; at least image_size x 256/224 (256 for 224-px crops)")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
+    ap.add_argument("--workers", type=int, default=0, help="processes; 0 = one per CPU")
+    ap.add_argument("--labels", nargs="*", default=[], metavar="FILE",
+                    help="label files outside SRC (data.val_labels, meta.mat) to copy into DST")
+    args = ap.parse_args(argv)
+    if args.shorter_side < 1 or not 1 <= args.quality <= 100 or args.workers < 0:
+        print("error: --shorter-side must be >= 1, --quality 1..100, --workers >= 0", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        counts = prepare(args.src, args.dst, args.shorter_side, args.quality, args.workers, tuple(args.labels),
+                         progress=sys.stderr.isatty())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"{args.dst}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
