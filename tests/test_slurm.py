@@ -99,10 +99,11 @@ def events(run: Path, kind: str) -> list[dict]:
 
 
 def results(run: Path) -> list:
-    """What a run measured, without its timings: per-round rows, epoch losses, kNN, the final line."""
+    """What a run measured, without its timings and wandb's step (present only with wandb on):
+    per-round rows, epoch losses, kNN, the final line."""
     keep = ("round", "knn", "final", "discovery", "epoch")
-    timing = {"seconds", "images_per_s", "data_wait_ms", "compute_ms", "step_ms", "data_wait_share"}
-    return [{k: v for k, v in e.items() if k not in timing}
+    left_out = {"seconds", "images_per_s", "data_wait_ms", "compute_ms", "step_ms", "data_wait_share", "wandb_step"}
+    return [{k: v for k, v in e.items() if k not in left_out}
             for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] in keep]
 
 

@@ -163,7 +163,7 @@ def choose(kernel: str, precision: str, backend: str, device) -> tuple[str, str]
         kernel = "attention" if backend == "faiss" else ("fused" if fused_available(device) else "exact")
     if kernel == "fused" and not fused_available(device):
         raise UserError("discovery.kernel=fused needs a CUDA device and Triton; use discovery.kernel=auto")
-    check_choice(kernel, precision, backend, torch.device(device).type)
+    check_choice(kernel, precision, backend)        # fused_available has judged the device
     if precision == "auto":
         precision = "bf16x3" if kernel == "fused" else "fp32"
     return kernel, precision
