@@ -47,18 +47,23 @@ from and_dist.data import build_data  # noqa: E402
 from and_dist.dist import Env  # noqa: E402
 
 
-def _write_jpeg(job: tuple[Path, int]) -> None:
-    path, seed = job
-    rng = np.random.default_rng(seed)
-    short = int(rng.integers(300, 451))
-    long = int(short * rng.uniform(1.25, 1.5))
-    h, w = (short, long) if rng.random() < 0.75 else (long, short)
+def _save_pattern(path: Path, rng, h: int, w: int) -> None:
+    """A smooth h x w colour pattern with noise, as a JPEG."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / 64
     f = rng.uniform(0.5, 2, 6)
     img = 128 + 80 * np.stack([np.sin(f[0] * xx + f[1] * yy), np.cos(f[2] * yy - f[3] * xx),
                                np.sin(f[4] * (xx + yy)) * np.cos(f[5] * xx)], -1)
     img += rng.normal(0, 12, (h, w, 1)).astype(np.float32)
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def _write_jpeg(job: tuple[Path, int]) -> None:
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    short = int(rng.integers(300, 451))
+    long = int(short * rng.uniform(1.25, 1.5))
+    h, w = (short, long) if rng.random() < 0.75 else (long, short)
+    _save_pattern(path, rng, h, w)
 
 
 def imagenet_shape(rng) -> tuple[int, int]:
@@ -76,12 +81,7 @@ def _write_imagenet_jpeg(job: tuple[Path, int]) -> None:
     path, seed = job
     rng = np.random.default_rng(seed)
     h, w = imagenet_shape(rng)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / 64
-    f = rng.uniform(0.5, 2, 6)
-    img = 128 + 80 * np.stack([np.sin(f[0] * xx + f[1] * yy), np.cos(f[2] * yy - f[3] * xx),
-                               np.sin(f[4] * (xx + yy)) * np.cos(f[5] * xx)], -1)
-    img += rng.normal(0, 12, (h, w, 1)).astype(np.float32)
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    _save_pattern(path, rng, h, w)
 
 
 def make_folder(root: Path, count: int, classes: int = 10, write=_write_jpeg) -> Path:
