@@ -20,12 +20,15 @@ and whether it finds the same anchors as the reference and the same neighbours f
 (with counts of any differences: fp32 entropies computed in different orders can swap
 samples that sit exactly at the anchor cut-off; bf16 entropies are coarser by design).
 
+Each figure is the median [min-max] of --repeats runs (default 5), reference and ours interleaved.
+
 Run:   .venv/bin/python benchmarks/discovery.py                      # N = 10000, 50000
-       .venv/bin/python benchmarks/discovery.py --sizes 5000 --loop-sample 1000   # quick
+       .venv/bin/python benchmarks/discovery.py --sizes 5000 --loop-sample 1000 --repeats 1  # quick
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -78,6 +81,11 @@ def ours(bank: ShardedBank, k: int, count: int, chunk: int, backend: str, precis
     return anchor, nbhd.neighbours, time.perf_counter() - t0
 
 
+def _spread(xs: list[float]) -> str:
+    """median [min-max]: the figure to quote from a noisy machine."""
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000])
@@ -90,13 +98,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loop-sample", type=int, default=None,
                     help="time the reference's position loop on this many samples, extrapolate to N")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="runs per method; one run on a shared machine is noise")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     configs = [("torch", "fp32"), ("faiss", "fp32"), ("torch", "bf16")]
     print(f"threads={torch.get_num_threads()} dim={args.dim} T={args.temperature} k={args.k} "
           f"anchors={args.rate:g}x{args.round} chunk={args.chunk}")
-    head = (f"{'N':>7} {'method':<22} {'seconds':>9} {'ref/this':>9} {'anchors':>8} "
+    head = (f"{'N':>7} {'method':<22} {'seconds':>22} {'ref/this':>17} {'anchors':>8} "
             f"{'match':>6} {'anc_diff':>8} {'nbr_diff':>8} {'cut_gap':>8}")
     print(head)
     print("-" * len(head))
@@ -107,27 +117,35 @@ def main() -> None:
     for n in args.sizes:
         bank = ShardedBank(n, args.dim, temperature=args.temperature, seed=0)
         count = anchor_count(args.round, n, args.rate)
-        ref_h, ref_a, ref_nb, rt, extrapolated = reference(bank.rows, args.k, count, args.temperature,
-                                                    args.loop_sample)
-        ref_s = sum(rt.values())
+        ref_runs, runs = [], {c: [] for c in configs}
+        for _ in range(args.repeats):        # interleaved, so each ratio pairs runs of one moment
+            ref_h, ref_a, ref_nb, rt, extrapolated = reference(bank.rows, args.k, count,
+                                                               args.temperature, args.loop_sample)
+            ref_runs.append(sum(rt.values()))
+            for c in configs:
+                runs[c].append(ours(bank, args.k, count, args.chunk, *c))
         note = " (loop extrapolated)" if extrapolated else ""
-        print(f"{n:>7} {'reference':<22} {ref_s:>9.2f} {1.0:>9.2f} {count:>8}")
-        print(f"{'':>7}   entropy {rt['entropy']:.2f}s, anchors {rt['anchors']:.3f}s, "
+        print(f"{n:>7} {'reference':<22} {_spread(ref_runs):>22} {'1.00':>17} {count:>8}")
+        print(f"{'':>7}   last run: entropy {rt['entropy']:.2f}s, anchors {rt['anchors']:.3f}s, "
               f"neighbours {rt['neighbours']:.2f}s, position loop {rt['loop']:.2f}s{note}")
         ref_mask = torch.zeros(n, dtype=torch.bool)
         ref_mask[ref_a] = True
         cut = ref_h[ref_a].max()                                    # reference entropy cut-off
-        for backend, precision in configs:
-            mask, nb, s = ours(bank, args.k, count, args.chunk, backend, precision)
+        for c in configs:
+            mask, nb, _ = runs[c][-1]
+            seconds = [r[2] for r in runs[c]]
+            ratios = [r / s for r, s in zip(ref_runs, seconds)]
             anc_diff = int((mask & ~ref_mask).sum())                # anchors of ours not in ref
             common = ref_a[mask[ref_a]]                             # anchors both chose
             pos = torch.nonzero(mask[ref_a])[:, 0]
             nbr_diff = int((nb[common] != ref_nb[pos]).any(1).sum())
             match = anc_diff == 0 and nbr_diff == 0
             gap = (ref_h[mask & ~ref_mask].max() - cut).item() if anc_diff else 0.0
-            name = f"ours {backend}/{precision}"
-            print(f"{n:>7} {name:<22} {s:>9.2f} {ref_s / s:>9.2f} {count:>8} "
+            name = f"ours {c[0]}/{c[1]}"
+            print(f"{n:>7} {name:<22} {_spread(seconds):>22} {_spread(ratios):>17} {count:>8} "
                   f"{str(match):>6} {anc_diff:>8} {nbr_diff:>8} {gap:>8.1e}")
+    print(f"each cell: median [min-max] of {args.repeats} runs; ref/this pairs the reference and "
+          "this method run after it.")
     print("ref/this = reference seconds / this method's seconds, both measured in this run.")
     print("anc_diff = anchors chosen here but not by the reference; nbr_diff = shared anchors "
           "whose neighbours differ.")

@@ -1,8 +1,18 @@
 """Helpers the test modules share (pytest puts this folder on sys.path)."""
+import io
+import json
+import os
 import socket
+import struct
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": "/tmp"}   # for subprocess runs
 WORKERS = TESTS / "workers"          # scripts the multi-process tests start under torchrun
 
 
@@ -11,3 +21,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def jpeg(rng, cls: int, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    """A smooth image whose dominant colour is its class's, of a random ImageNet-like shape."""
+    h, w = int(rng.integers(48, 121)), int(rng.integers(48, 121))
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.eye(3)[cls] * 160 + 40
+    img = base[None, None] + 60 * np.stack([np.sin(6 * xx + cls), np.cos(5 * yy), np.sin(4 * (xx + yy))], -1)
+    img = img + rng.normal(0, 8, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    """The run's metrics.jsonl events of one kind (none if it has no file yet)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def final_bank(run: Path) -> torch.Tensor:
+    """The whole memory bank of the run's latest checkpoint, shards joined in index order."""
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    parts = sorted((torch.load(f, weights_only=True) for f in ckpt.glob("bank-*.pt")), key=lambda p: p["lo"])
+    return torch.cat([p["rows"] for p in parts])
+
+
+def wandb_history(run: Path) -> list[dict]:
+    """History rows of the newest offline wandb run, read from its .wandb file (LevelDB-style log
+    of protobuf records: 32 KiB blocks, 7-byte chunk headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    newest = max((run / "wandb").glob("offline-run-*"), key=lambda d: d.name)
+    data = next(newest.glob("*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    rows, pos, buf = [], 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (kind == 0 and n == 0):
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7: pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):              # a full record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.HasField("history"):
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                             for i in record.history.item})
+    return rows

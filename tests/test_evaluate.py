@@ -17,7 +17,7 @@ from and_dist import evaluate, export
 from and_dist.eval.pretrained import load_model
 from and_dist.eval.weights import build, find_state_dict, load_weights, match
 from and_dist.models import build_model
-from test_probe import wandb_history
+from helpers import wandb_history
 
 REPO = Path(__file__).parent.parent
 ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}

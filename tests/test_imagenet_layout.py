@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import free_port
-from test_streaming import ENV, REPO, _events, _final_bank, _jpeg
+from helpers import ENV, REPO, events, final_bank, free_port, jpeg
 
 from and_dist.data.index import load_index
 from and_dist.data.layout import resolve
@@ -34,11 +33,11 @@ def make_flat_tree(root: Path) -> tuple[Path, list[str]]:
         d = root / "train" / wnid
         d.mkdir(parents=True)
         for k in range(TRAIN_PER_CLASS):
-            (d / f"{wnid}_{k}.JPEG").write_bytes(_jpeg(rng, c % 3))
+            (d / f"{wnid}_{k}.JPEG").write_bytes(jpeg(rng, c % 3))
     (root / "val").mkdir()
     truth = [WNIDS[int(c)] for c in rng.permutation(np.arange(VAL) % len(WNIDS))]
     for k, wnid in enumerate(truth, 1):
-        (root / "val" / val_name(k)).write_bytes(_jpeg(rng, WNIDS.index(wnid) % 3))
+        (root / "val" / val_name(k)).write_bytes(jpeg(rng, WNIDS.index(wnid) % 3))
     return root, truth
 
 
@@ -177,10 +176,10 @@ def test_a_flat_val_trains_and_evaluates_under_two_ranks(flat, tmp_path, loader)
     classes, n_val = (10, sum(w in WNIDS[2:] for w in truth)) if subset else (12, VAL)
     n_train = classes * TRAIN_PER_CLASS
     assert f"{n_train} train / {n_val} test images, {classes} classes" in proc.stdout, proc.stdout
-    assert _final_bank(run).shape[0] == n_train
-    assert len(_events(run, "round")) == 1
+    assert final_bank(run).shape[0] == n_train
+    assert len(events(run, "round")) == 1
     assert 0 <= json.loads((run / "summary.json").read_text())["final_knn_top1"] <= 100
-    assert torch.isfinite(_final_bank(run)).all()
+    assert torch.isfinite(final_bank(run)).all()
 
 
 def test_a_long_check_logs_its_progress_with_an_eta_when_no_bar_is_shown(flat, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from test_streaming import ENV, REPO
+from helpers import ENV, REPO
 
 from and_dist.data.index import check_image
 

@@ -4,14 +4,13 @@ SIGTERM mid-probe resumed to the uninterrupted result."""
 import json
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, wandb_history
 import torch
 from PIL import Image
 
@@ -93,31 +92,6 @@ def reference(pretrained, tmp_path_factory) -> Path:
     proc = probe("--checkpoint", str(run / "checkpoints" / "latest"), *PROBE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run
-
-
-def wandb_history(run: Path) -> list[dict]:
-    """History rows of the newest offline wandb run, read from its .wandb file (LevelDB-style log
-    of protobuf records: 32 KiB blocks, 7-byte chunk headers)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    newest = max((run / "wandb").glob("offline-run-*"), key=lambda d: d.name)
-    data = next(newest.glob("*.wandb")).read_bytes()
-    assert data[:4] == b":W&B"
-    rows, pos, buf = [], 7, b""
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if left < 7 or (kind == 0 and n == 0):
-            pos += left
-            continue
-        buf, pos = buf + data[pos + 7: pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):              # a full record, or the last chunk of one
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            if record.HasField("history"):
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                             for i in record.history.item})
-    return rows
 
 
 def probe_events(run: Path) -> list[dict]:

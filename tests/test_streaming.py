@@ -3,7 +3,6 @@ JPEGs of varied sizes, with ImageNet's kinds of odd files: a corrupt, a truncate
 (left out, each reported once), a CMYK JPEG, a grayscale JPEG and a PNG named .JPEG (decoded).
 
 Run as a script under torchrun, this file is the per-rank worker of the 2-rank coverage test."""
-import io
 import json
 import os
 import re
@@ -15,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import ENV, REPO, events, final_bank, free_port, jpeg
 import torch
 from PIL import Image
 
-REPO = Path(__file__).parent.parent
 sys.path.insert(0, str(REPO))
 
 from and_dist import dist  # noqa: E402
@@ -31,19 +29,6 @@ CLASSES = ("n01440764", "n02102040", "n03000134")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 14, 4
 BAD = {"corrupt.JPEG": "Error", "truncated.JPEG": "truncated", "empty.JPEG": "cannot identify image file"}
 ODD = ("cmyk.JPEG", "gray.JPEG", "png.JPEG")
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
-
-
-def _jpeg(rng, cls: int, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
-    """A smooth image whose dominant colour is its class's, of a random ImageNet-like shape."""
-    h, w = int(rng.integers(48, 121)), int(rng.integers(48, 121))
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    base = np.eye(3)[cls] * 160 + 40
-    img = base[None, None] + 60 * np.stack([np.sin(6 * xx + cls), np.cos(5 * yy), np.sin(4 * (xx + yy))], -1)
-    img = img + rng.normal(0, 8, img.shape)
-    buf = io.BytesIO()
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).convert(mode).save(buf, fmt)
-    return buf.getvalue()
 
 
 def make_tree(root: Path, seed: int = 0) -> Path:
@@ -53,13 +38,13 @@ def make_tree(root: Path, seed: int = 0) -> Path:
             d = root / split / wnid
             d.mkdir(parents=True)
             for k in range(count):
-                (d / f"{wnid}_{k:04d}.JPEG").write_bytes(_jpeg(rng, c))
+                (d / f"{wnid}_{k:04d}.JPEG").write_bytes(jpeg(rng, c))
     odd = root / "train" / CLASSES[1]
-    (odd / "cmyk.JPEG").write_bytes(_jpeg(rng, 1, "CMYK"))
-    (odd / "gray.JPEG").write_bytes(_jpeg(rng, 1, "L"))
-    (odd / "png.JPEG").write_bytes(_jpeg(rng, 1, "RGB", "PNG"))
+    (odd / "cmyk.JPEG").write_bytes(jpeg(rng, 1, "CMYK"))
+    (odd / "gray.JPEG").write_bytes(jpeg(rng, 1, "L"))
+    (odd / "png.JPEG").write_bytes(jpeg(rng, 1, "RGB", "PNG"))
     (odd / "corrupt.JPEG").write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(500))
-    (odd / "truncated.JPEG").write_bytes(_jpeg(rng, 1)[:700])
+    (odd / "truncated.JPEG").write_bytes(jpeg(rng, 1)[:700])
     (odd / "empty.JPEG").write_bytes(b"")
     return root
 
@@ -107,7 +92,7 @@ def test_index_leaves_out_unreadable_files_once_and_decodes_the_odd_ones(tree, t
 
     # A new file changes its class folder's mtime: the list is built again and holds it.
     extra = tree / "train" / CLASSES[2] / "zz_new.JPEG"
-    extra.write_bytes(_jpeg(np.random.default_rng(1), 2))
+    extra.write_bytes(jpeg(np.random.default_rng(1), 2))
     try:
         grown = load_index(str(tree), "train", classes, str(tmp_path), 2, lines.append, False)
         assert len(grown) == len(index) + 1 and grown.names[-1].endswith("zz_new.JPEG")
@@ -215,18 +200,6 @@ def _train(tree: Path, tmp: Path, loader: str, name: str, *extra: str) -> subpro
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _events(run: Path, kind: str) -> list[dict]:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-
-def _final_bank(run: Path) -> torch.Tensor:
-    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    parts = sorted((torch.load(f, weights_only=True) for f in ckpt.glob("bank-*.pt")), key=lambda p: p["lo"])
-    return torch.cat([p["rows"] for p in parts])
-
-
 def test_pretraining_one_epoch_with_the_torch_loader(tree, tmp_path):
     proc = _train(tree, tmp_path, "torch", "t", "curriculum.rounds=1", "train.epochs_per_round=1")
     out, _ = proc.communicate(timeout=180)
@@ -236,7 +209,7 @@ def test_pretraining_one_epoch_with_the_torch_loader(tree, tmp_path):
     assert f"{n} train / {3 * VAL_PER_CLASS} test images, 3 classes, {len(BAD)} skipped" in out
     listed = (run / "skipped.txt").read_text().splitlines()
     assert sorted(Path(line.split("\t")[0]).name for line in listed) == sorted(BAD)
-    assert len(_events(run, "step")) == -(-n // 6) and len(_events(run, "round")) == 1
+    assert len(events(run, "step")) == -(-n // 6) and len(events(run, "round")) == 1
     assert 0 <= json.loads((run / "summary.json").read_text())["final_knn_top1"] <= 100
 
 
@@ -250,7 +223,7 @@ def test_a_stopped_dali_run_resumes_to_the_state_of_one_left_alone(tree, tmp_pat
     run = tmp_path / "stopped"
     proc = _train(tree, tmp_path, "dali", "stopped", *extra)
     deadline = time.time() + 120
-    while len(_events(run, "step")) < 3 and proc.poll() is None and time.time() < deadline:
+    while len(events(run, "step")) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
@@ -261,10 +234,10 @@ def test_a_stopped_dali_run_resumes_to_the_state_of_one_left_alone(tree, tmp_pat
     resumed = _train(tree, tmp_path, "dali", "stopped", *extra, "resume=auto")
     out, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, out
-    ref, got = [e["loss"] for e in _events(tmp_path / "alone", "step")], [e["loss"] for e in _events(run, "step")]
+    ref, got = [e["loss"] for e in events(tmp_path / "alone", "step")], [e["loss"] for e in events(run, "step")]
     assert len(got) == len(ref) == 2 * 2 * -(-(3 * TRAIN_PER_CLASS + len(ODD)) // 6)
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-6
-    assert torch.allclose(_final_bank(run), _final_bank(tmp_path / "alone"), atol=1e-6)
+    assert torch.allclose(final_bank(run), final_bank(tmp_path / "alone"), atol=1e-6)
 
 
 @pytest.mark.parametrize("loader,ranks", [("dali", 2), ("torch", 1)])
@@ -284,7 +257,7 @@ def test_the_imagenet_config_pretrains_then_probes_every_conv_layer(tree, tmp_pa
     probes = json.loads((run / "probes.json").read_text())
     assert "conv5" in json.dumps(probes) and "conv1" in json.dumps(probes)
     assert (run / "probes.png").stat().st_size > 1000 and list((run / "wandb").glob("offline-run-*"))
-    assert len(_events(run, "probe")) >= 1 and "probes done" in proc.stdout
+    assert len(events(run, "probe")) >= 1 and "probes done" in proc.stdout
 
 
 # ------------------------------------------------------------------------------- 2 ranks, torchrun
