@@ -21,17 +21,21 @@ from .index import FileIndex
 from .stream import StepPlan, StreamData
 
 
-def load_crop(path: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """Pixels (top, left, height, width) of the stored image, resized to size x size, RGB uint8."""
+def decode_for_crop(path: str, box: tuple[int, int, int, int], size: int):
+    """The stored image decoded at the smallest DCT scale that leaves the crop >= size px, and the
+    crop box (left, top, right, bottom) in its pixels."""
     top, left, h, w = box
     with Image.open(path) as img:
         width, height = img.size
-        img.draft("RGB", (-(-width * size // w), -(-height * size // h)))   # crop stays >= size px
+        img.draft("RGB", (-(-width * size // w), -(-height * size // h)))
         sx, sy = img.size[0] / width, img.size[1] / height
-        img = to_rgb(img)
-        out = img.resize((size, size), Image.BILINEAR,
-                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-    return np.array(out, dtype=np.uint8)
+        return to_rgb(img), (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+
+
+def load_crop(path: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Pixels (top, left, height, width) of the stored image, resized to size x size, RGB uint8."""
+    img, scaled = decode_for_crop(path, box, size)
+    return np.array(img.resize((size, size), Image.BILINEAR, box=scaled), dtype=np.uint8)
 
 
 def load_centre(path: str, resize: int, size: int) -> np.ndarray:
