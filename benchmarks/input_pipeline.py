@@ -132,14 +132,14 @@ def pil_costs(data, limit: int = 400) -> tuple[float, float, float]:
     """Milliseconds per image in one thread of the PIL loader's two parts, over epoch 0's first
     crops: (decode at the reduced DCT scale, the crop's resize to size x size), and a full-size
     decode (what a decoder without DCT scaling pays, as nvJPEG does)."""
-    from and_dist.data.pil_stream import decode_for_crop
+    from and_dist.data.pil_stream import decode_for_crop, resize_crop
     index, decode, resize, full, count = data.index["train"], 0.0, 0.0, 0.0, 0
     for plan in data.plans(0, 0):
         for i, box in zip(plan.mine.tolist(), plan.boxes.tolist()):
             t0 = time.perf_counter()
             img, scaled = decode_for_crop(index.path(i), box, data.size)
             t1 = time.perf_counter()
-            np.array(img.resize((data.size, data.size), Image.BILINEAR, box=scaled), dtype=np.uint8)
+            resize_crop(img, scaled, data.size)
             t2 = time.perf_counter()
             with Image.open(index.path(i)) as whole:
                 whole.convert("RGB")

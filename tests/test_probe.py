@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wandb_history
+from helpers import events, free_port, wandb_history
 import torch
 from PIL import Image
 
@@ -94,11 +94,6 @@ def reference(pretrained, tmp_path_factory) -> Path:
     return run
 
 
-def probe_events(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == "probe"]
-
-
 def test_probe_writes_json_chart_metrics_and_wandb(reference):
     run = reference
     out = json.loads((run / "probes.json").read_text())
@@ -113,9 +108,9 @@ def test_probe_writes_json_chart_metrics_and_wandb(reference):
     assert [h["epoch"] for h in out["history"]] == [0, 1, 2]
     with Image.open(run / "probes.png") as im:
         assert im.format == "PNG" and im.size[0] >= 400
-    events = probe_events(run)
-    assert [e["epoch"] for e in events] == [0, 1, 2]
-    assert events[-1]["conv3_top1"] == out["layers"]["conv3"]["top1"]
+    probes = events(run, "probe")
+    assert [e["epoch"] for e in probes] == [0, 1, 2]
+    assert probes[-1]["conv3_top1"] == out["layers"]["conv3"]["top1"]
     rows = [r for r in wandb_history(run) if "probe/conv1_top1" in r]
     assert len(rows) == 3
     assert {n: rows[-1][f"probe/{n}_top1"] for n in CONVS} == {n: r["top1"] for n, r in out["layers"].items()}
@@ -144,7 +139,7 @@ def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pre
         for n in CONVS:
             for key in ("top1", "top5", "loss"):
                 assert g["layers"][n][key] == pytest.approx(w["layers"][n][key], rel=1e-6, abs=1e-6)
-    assert [e["epoch"] for e in probe_events(run)] == [0, 1, 2]
+    assert [e["epoch"] for e in events(run, "probe")] == [0, 1, 2]
     other = probe("--checkpoint", str(run), *PROBE, "probe.layers=[conv1]")     # not what was saved
     assert other.returncode == 2 and "holds probes with layers=" in other.stderr, other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
@@ -166,10 +161,10 @@ def test_after_train_probes_stopped_and_resumed_keep_every_probe_line(pretrained
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out + err
-    assert [e["epoch"] for e in probe_events(run)][:1] == [0]
+    assert [e["epoch"] for e in events(run, "probe")][:1] == [0]
     again = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=300, env=ENV)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert [e["epoch"] for e in probe_events(run)] == [0, 1, 2]
+    assert [e["epoch"] for e in events(run, "probe")] == [0, 1, 2]
     assert json.loads((run / "probes.json").read_text())["finished"]
 
 

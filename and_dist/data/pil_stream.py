@@ -32,10 +32,14 @@ def decode_for_crop(path: str, box: tuple[int, int, int, int], size: int):
         return to_rgb(img), (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
 
+def resize_crop(img: Image.Image, scaled: tuple, size: int) -> np.ndarray:
+    """The box `scaled` of a decoded image resized to size x size, RGB uint8."""
+    return np.array(img.resize((size, size), Image.BILINEAR, box=scaled), dtype=np.uint8)
+
+
 def load_crop(path: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """Pixels (top, left, height, width) of the stored image, resized to size x size, RGB uint8."""
-    img, scaled = decode_for_crop(path, box, size)
-    return np.array(img.resize((size, size), Image.BILINEAR, box=scaled), dtype=np.uint8)
+    return resize_crop(*decode_for_crop(path, box, size), size)
 
 
 def load_centre(path: str, resize: int, size: int) -> np.ndarray:
