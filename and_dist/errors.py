@@ -24,12 +24,13 @@ def exit_status(e: BaseException, env, run_dir=None) -> int:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from .stall import explain            # a wait on another rank that failed: name that rank
+    from .stall import end_silent, explain     # a wait on another rank that failed: name that rank
     line = explain(e, env.rank)
     status = 1 if line is None else EXIT_STALLED
     if line is None:
         line = str(e) if getattr(e, "one_line", False) else f"{type(e).__name__}: {e}"
-    print(f"[rank {env.rank}] error: {line}", file=sys.stderr)
+    print(f"[rank {env.rank}] error: {line}", file=sys.stderr, flush=True)
+    end_silent()                          # after the line: the launcher may end this rank next
     text = traceback.format_exc()
     if os.environ.get("AND_DEBUG"):
         print(text, file=sys.stderr)

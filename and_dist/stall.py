@@ -8,6 +8,12 @@ in the store every `period` seconds, with the wait its main thread is in (set by
 helpers). When a wait fails, the rank reads every counter twice, `2 x period` apart: a rank
 whose counter stands still is stopped (SIGSTOP, a hung node, a dead process); a rank that beats
 but waits in nothing is stuck outside the collectives (a stuck file system, a wedged GPU).
+
+A failed wait is known by where it raised, not by its wording alone: gloo's words for the same
+timeout vary with the interleaving ("Timed out waiting ..." from the op that timed out,
+"Application timeout caused pair closure" from another op on the closed pair), and DDP's own
+collectives (the buffer broadcast before each forward, the gradient all-reduce) run outside
+dist.py's named waits.
 """
 from __future__ import annotations
 
@@ -25,7 +31,18 @@ import torch.distributed as tdist
 
 PREFIX = "and_dist/heartbeat/"
 HOST = socket.gethostname()
-FAILED_WAIT = re.compile(r"gloo|NCCL|[Tt]imed out|Connection (closed|reset)")
+FAILED_WAIT = re.compile(r"gloo|NCCL|[Tt]imed out|[Tt]imeout|pair closure|Connection (closed|reset)")
+TORCH_DIST = (f"{os.sep}torch{os.sep}distributed{os.sep}", f"{os.sep}torch{os.sep}nn{os.sep}parallel{os.sep}")
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat, field 22): with the pid
+    it names one process, so a pid reused after that rank died is never signalled."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 class Waits:
@@ -42,6 +59,7 @@ class Heartbeat:
         self.store = tdist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=10),
                                     wait_for_workers=False)
         self.count, self.stop = 0, threading.Event()
+        self.started = _start_time(os.getpid())
         self.beat()
         self.thread = threading.Thread(target=self._run, name="and_dist-heartbeat", daemon=True)
         self.thread.start()
@@ -50,7 +68,7 @@ class Heartbeat:
         self.count += 1
         op = Waits.op
         self.store.set(f"{PREFIX}{self.rank}", json.dumps(
-            {"n": self.count, "op": op, "host": HOST, "pid": os.getpid()}))
+            {"n": self.count, "op": op, "host": HOST, "pid": os.getpid(), "started": self.started}))
 
     def _run(self) -> None:
         while not self.stop.wait(self.period):
@@ -99,39 +117,66 @@ def stop() -> None:
         _beat = None
 
 
-def _where(e: BaseException) -> str:
-    """The failed wait: the helper's name for it, and the innermost and_dist caller."""
-    tb, found = e.__traceback__, None
+def _frames(e: BaseException):
+    tb = e.__traceback__
     while tb is not None:
-        code = tb.tb_frame.f_code
+        yield tb.tb_frame.f_code, tb.tb_lineno
+        tb = tb.tb_next
+
+
+def _is_failed_wait(e: BaseException) -> bool:
+    """A collective, barrier or rendezvous that raised: torch's distributed error type, an error
+    that left one of dist.py's named waits or torch's distributed code (DDP's collectives), or
+    the backends' words (DDP's gradient all-reduce raises from the autograd engine)."""
+    if isinstance(e, tdist.DistError) or (isinstance(e, RuntimeError) and Waits.failed):
+        return True
+    return isinstance(e, RuntimeError) and (
+        any(part in code.co_filename for code, _ in _frames(e) for part in TORCH_DIST)
+        or bool(FAILED_WAIT.search(str(e))))
+
+
+def _where(e: BaseException) -> str:
+    """The failed wait: the helper's name for it (else torch's innermost distributed function),
+    and the innermost and_dist caller."""
+    found, torch_op = None, None
+    for code, line in _frames(e):
         name = os.path.basename(code.co_filename)
         if f"{os.sep}and_dist{os.sep}" in code.co_filename and name not in ("dist.py", "stall.py"):
-            found = f"{code.co_name} ({name}:{tb.tb_lineno})"
-        tb = tb.tb_next
-    return " in ".join(w for w in (Waits.failed, found) if w) or "a collective"
+            found = f"{code.co_name} ({name}:{line})"
+        elif any(part in code.co_filename for part in TORCH_DIST):
+            torch_op = f"torch's {code.co_name}"
+    return " in ".join(w for w in (Waits.failed or torch_op, found) if w) or "a collective"
 
 
-def _end(beat: dict | None) -> str:
-    """SIGKILL a silent rank on this host, so that it frees its GPU and the launcher ends now
-    (torchrun waits 30 s for a stopped process to take its SIGTERM); others are the launcher's."""
-    if not beat or beat.get("host") != HOST:
-        return ""
+def _endable(beat: dict | None) -> int | None:
+    """The pid of a silent rank this process may end: on this host, and still the same process."""
+    if not beat or beat.get("host") != HOST or beat.get("started") is None:
+        return None
     pid = int(beat["pid"])
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"and_dist" not in f.read():
-                return ""
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        return ""
-    return f" [pid {pid} on this host, killed]"
+    return pid if _start_time(pid) == beat["started"] else None
+
+
+_to_end: list[int] = []
+
+
+def end_silent() -> None:
+    """SIGKILL the silent ranks on this host that explain() named, once its line is out: so that
+    they free their GPU and the launcher ends now (torchrun waits 30 s for a stopped process to
+    take its SIGTERM, and SIGTERMs this rank as soon as one of its ranks is gone). Ranks on other
+    hosts are their launchers'."""
+    while _to_end:
+        try:
+            os.kill(_to_end.pop(), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def explain(e: BaseException, rank: int) -> str | None:
-    """One line for a failed wait on another rank (None for any other error)."""
+    """One line for a failed wait on another rank (None for any other error); the silent ranks
+    it names on this host are ended by end_silent() once the line is printed."""
     if _beat is None and not tdist.is_initialized():
         return None
-    if not isinstance(e, tdist.DistError) and not (isinstance(e, RuntimeError) and FAILED_WAIT.search(str(e))):
+    if not _is_failed_wait(e):
         return None
     op = _where(e)
     waited = f"rank {rank} waited in {op}"
@@ -144,8 +189,11 @@ def explain(e: BaseException, rank: int) -> str | None:
         return (f"{waited}{limit}; the rendezvous store stopped answering too (rank 0 under SLURM, "
                 "torchrun's agent otherwise): that host stopped; continue with resume=auto")
     if silent:
+        ends = {r: _endable(last[r]) for r in silent}
+        _to_end[:] = [pid for pid in ends.values() if pid is not None]
         said = ", ".join(f"rank {r}" + (f" (last seen waiting in {last[r]['op']})" if last[r] and last[r]["op"]
-                                        else "") + _end(last[r]) for r in silent)
+                                        else "") + (f" [pid {ends[r]} on this host, killed]" if ends[r] else "")
+                         for r in silent)
         return f"{said} stopped answering; {waited}{limit}; continue with resume=auto"
     busy = [r for r in range(_beat.world) if r != rank and last[r] and not last[r]["op"]]
     if busy:
