@@ -11,8 +11,9 @@ Every evaluation gets a new folder, RUN/evaluations/<time> (out_dir/<name>/evalu
 for a weights file, name defaulting to the file's stem), so probing again with other settings
 never meets an earlier evaluation's probe checkpoint; `resume=auto` continues the newest one.
 It holds config.yaml, evaluation.json (the table's numbers), metrics.jsonl, probes.json/png and
-the wandb run. Exit 0 when done, 128 + N when signal N stopped the probes (after a checkpoint),
-2 for a user error (one line), 1 for anything else.
+the wandb run. Exit 0 when done, 128 + N when signal N stopped it (the probes after a
+checkpoint; the kNN pass at once, redone by resume=auto), 2 for a user error (one line), 1 for
+anything else.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .config import Config, save_config
 from .entry import Session, main_decides, main_rank, user_error_exit
 from .errors import UserError
 from .log import RunLog, fmt
-from .stop import Stop
+from .stop import Stop, Stopped, exits_on_stop, raising
 
 KINDS = ("knn", "probe", "all")
 
@@ -170,7 +171,10 @@ def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, sour
     try:
         rows = []
         if kind in ("knn", "all"):
-            top1, top5 = knn(cfg, env, model, log, bank, ckpt, dtype)
+            if stop.signum is not None:
+                raise Stopped(stop.signum)
+            with raising():           # a pass with no steps to checkpoint: a stop ends it at once
+                top1, top5 = knn(cfg, env, model, log, bank, ckpt, dtype)
             result.update(knn_top1=top1, knn_top5=top5)
             rows.append((f"kNN (k={cfg.eval.knn_k}, {cfg.eval.train_features})", top1, top5))
             log.event(event="knn", step=step, knn_top1=top1, knn_top5=top5)
@@ -198,6 +202,7 @@ def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, sour
         log.close()
 
 
+@exits_on_stop("run the same command with resume=auto to continue")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m and_dist.evaluate", description=(
         "kNN and/or linear probes of trained weights, without training. Overrides use YAML values, "

@@ -6,7 +6,7 @@ The CIFAR ResNet-18 (3x3 stem, no max-pool) has no torchvision builder of its ow
 `resnet18()` once `conv1` is a 3x3/stride-1 conv and `maxpool` an Identity (the JSON says so).
 The 128-d embedding head is not part of torchvision's model and is left out; OUT.json beside the
 file records the architecture, the dimensions, the input normalisation and size, and the run's kNN.
-Exit 0, or 2 for a user error (one line).
+Exit 0, 2 for a user error (one line), 128 + N when signal N stopped it (neither file is left).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 
 from . import files
 from .errors import EXIT_USER_ERROR, UserError
+from .stop import exits_on_stop
 
 TORCHVISION = {  # our arch -> (torchvision builder, its classifier keys, how to load)
     "resnet18": ("resnet18", ["fc.weight", "fc.bias"], "m = torchvision.models.resnet18()"),
@@ -59,9 +60,7 @@ def export(source: str, out: Path) -> dict:
     if out.suffix != ".pth":
         raise UserError(f"{out}: the output is a .pth file (its JSON goes beside it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    torch.save(torchvision_state(model), tmp)
-    tmp.replace(out)
+    files.torch_save(torchvision_state(model), out)
     try:
         summary = json.loads((run_of(ckpt) / "summary.json").read_text())
     except (OSError, ValueError):
@@ -76,10 +75,15 @@ def export(source: str, out: Path) -> dict:
                 "k": cfg.eval.knn_k, "sigma": cfg.eval.knn_sigma, "features": f"the run's {cfg.model.low_dim}-d embedding"},
         "checkpoint": str(ckpt),
     }
-    files.write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
+    try:
+        files.write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
+    except BaseException:                 # stopped between the two files: neither is left
+        out.unlink(missing_ok=True)
+        raise
     return info
 
 
+@exits_on_stop("run the same command again")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m and_dist.export", description=(
         "Write a run's backbone as a torchvision state dict (OUT.pth) and its description (OUT.json)."))

@@ -74,6 +74,9 @@ def write_durable(path: str | os.PathLike, fill) -> dict:
     except OSError as e:
         path.unlink(missing_ok=True)
         raise WriteError(path, e) from None
+    except BaseException:                     # a stop signal (stop.Stopped) or a bug: no half file
+        path.unlink(missing_ok=True)
+        raise
     return {"size": sink.size, CHECKSUM: sink.hash.hexdigest()}
 
 
@@ -87,6 +90,9 @@ def _publish(path: Path, fill) -> dict:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise WriteError(path, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return record
 
 

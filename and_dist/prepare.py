@@ -10,8 +10,9 @@ side is at least that resize (256 for 224-px crops) keeps every aspect ratio and
 upsampling at evaluation, while a longer-side bound would shrink a 4:3 image's shorter side below it.
 
 Resumable: each file is written to a hidden `.NAME.part` beside it and renamed into place
-(os.replace), so a final name never holds half a file; a file is done when its copy exists with
-the source's mtime (set on the copy), so a rerun skips it and redoes a source changed since.
+(os.replace), so a final name never holds half a file, and a stop signal removes the parts being
+written (exit 128 + N); a file is done when its copy exists with the source's mtime (set on the
+copy), so a rerun skips it and redoes a source changed since.
 Unreadable images are left out with training's report line (`skipping unreadable image ...`).
 """
 from __future__ import annotations
@@ -19,14 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
+from contextlib import contextmanager, suppress
 from multiprocessing import Pool
 
 from PIL import Image
 from tqdm import tqdm
 
-from .data.folder import _is_image, to_rgb
+from .data.folder import TreeWalk, _is_image, to_rgb
 from .errors import EXIT_USER_ERROR, UserError
+from .stop import SIGNALS, exits_on_stop
 
 KEEP_FORMATS = ("JPEG", "PNG")      # small images in these formats are copied byte for byte
 
@@ -49,10 +53,28 @@ def _finish(src: str, tmp: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
+@contextmanager
+def _writing(tmp: str):
+    """Remove `tmp` if its write does not end (a stop signal, a full disk)."""
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def copy_file(src: str, dst: str) -> None:
     tmp = _tmp(dst)
-    shutil.copyfile(src, tmp)
-    _finish(src, tmp, dst)
+    with _writing(tmp):
+        shutil.copyfile(src, tmp)
+        _finish(src, tmp, dst)
+
+
+def _worker_start() -> None:
+    """A stop signal ends a worker quietly (SystemExit), after its `_writing` cleanup."""
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, frame: sys.exit(128 + signum))
 
 
 def resize_image(job: tuple[str, str, int, int]) -> tuple[str, str, str | None]:
@@ -83,25 +105,24 @@ def resize_image(job: tuple[str, str, int, int]) -> tuple[str, str, str | None]:
     if out is None:
         copy_file(src, dst)
         return src, "copied", None
-    with open(tmp, "wb") as f:
-        out.save(f, "JPEG", quality=quality)
-    _finish(src, tmp, dst)
+    with _writing(tmp):
+        with open(tmp, "wb") as f:
+            out.save(f, "JPEG", quality=quality)
+        _finish(src, tmp, dst)
     return src, "resized", None
 
 
-def plan(src: str, dst: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(images, other files) as (source, destination) pairs, sorted; hidden entries left out."""
+def plan(src: str, dst: str, log=print) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(images, other files) as (source, destination) pairs, sorted; hidden entries, and links
+    that lead back into the tree (data/folder.py), left out."""
     images, others = [], []
-    for top, dirs, names in os.walk(src, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for top, paths in TreeWalk(src, log)(src):
         out_dir = os.path.join(dst, os.path.relpath(top, src))
         os.makedirs(out_dir, exist_ok=True)
-        for name in sorted(names):
-            if name.startswith("."):
-                continue
-            pair = (os.path.join(top, name), os.path.join(out_dir, name))
-            (images if _is_image(name) else others).append(pair)
-    return images, others
+        for path in paths:
+            pair = (path, os.path.join(out_dir, os.path.basename(path)))
+            (images if _is_image(os.path.basename(path)) else others).append(pair)
+    return sorted(images), sorted(others)
 
 
 def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, labels: tuple[str, ...] = (),
@@ -115,7 +136,7 @@ def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, 
     for path in labels:
         if not os.path.isfile(path):
             raise UserError(f"--labels: {path} is not a file")
-    images, others = plan(src, dst)
+    images, others = plan(src, dst, log)
     others += [(os.path.abspath(p), os.path.join(dst, os.path.basename(p))) for p in labels]
     counts = {"kept": 0, "copied": 0, "resized": 0, "skipped": 0, "other files": 0}
     for a, b in others:
@@ -124,7 +145,7 @@ def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, 
             counts["other files"] += 1
     jobs = [(a, b, side, quality) for a, b in images]
     workers = workers or os.cpu_count()
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=_worker_start) as pool:
         results = pool.imap_unordered(resize_image, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
         for path, what, reason in tqdm(results, total=len(jobs), unit="img", desc=f"resize to {side} px",
                                        disable=not progress):
@@ -134,6 +155,7 @@ def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, 
     return counts
 
 
+@exits_on_stop("run the same command again to continue")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m and_dist.prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -30,7 +30,7 @@ from .entry import Session, user_error_exit
 from .errors import UserError
 from .eval.prober import run_probes
 from .log import RunLog
-from .stop import Stop
+from .stop import Stop, exits_on_stop
 
 
 def _checkpoint_dir(text: str) -> Path:
@@ -56,6 +56,7 @@ def _load(checkpoint_arg: str, config: str, overrides: list[str]):
     return model, configure(cfg, config, overrides), ckpt
 
 
+@exits_on_stop("run the same command again to continue")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m and_dist.probe", description=(
         "Linear probes on the frozen layers of a trained run. Overrides use YAML values, e.g. "

@@ -1,6 +1,8 @@
 """Stop requests: SIGTERM, SIGINT, SIGUSR1/SIGUSR2 (SLURM's warning before a time limit or
 preemption) set a flag; the loop asks `requested()` before each step, saves a checkpoint and
-exits with 128 + the signal number.
+exits with 128 + the signal number. Outside a loop (set-up, a kNN pass, prepare, export) the
+same signals raise `Stopped` (`raising()`), so what is half-written is removed on the way out
+and the exit status is the same 128 + N.
 
 All ranks must stop at the same step. With several ranks the flags are combined by an
 asynchronous all-reduce on a CPU (gloo) side group whose result is read one step later, so the
@@ -8,7 +10,10 @@ check never blocks the device stream.
 """
 from __future__ import annotations
 
+import functools
 import signal
+import sys
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as tdist
@@ -16,6 +21,50 @@ import torch.distributed as tdist
 from . import dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Stopped(BaseException):
+    """A stop signal where no checkpoint is taken: a BaseException, so `except Exception` blocks
+    let it pass and only `finally` / `except BaseException` cleanups run."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def _raise(signum, frame):
+    raise Stopped(signum)
+
+
+@contextmanager
+def raising():
+    """Inside, a stop signal raises Stopped in the main thread (processes forked inside inherit it)."""
+    previous = {s: signal.signal(s, _raise) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def exits_on_stop(again: str):
+    """For an entry point's main: a stop signal anywhere outside a training loop ends it with one
+    line and exit status 128 + N, after the cleanups on the way out; `again` tells what to run."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                with raising():
+                    return main(*args, **kwargs)
+            except Stopped as e:
+                print(f"{e}: nothing half-written is left; {again}", file=sys.stderr)
+                return e.exit_status
+        return run
+    return wrap
 
 
 class Stop:
@@ -55,6 +104,23 @@ class Stop:
         self.flag.fill_(1.0 if self.signum is not None else 0.0)
         self.pending = tdist.all_reduce(self.flag, op=tdist.ReduceOp.MAX, group=self.group, async_op=True)
         return False
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop, agreed now with a blocking all-reduce: for the end
+        of a phase that has no steps (a kNN pass), where `requested()`'s one-step lag has nothing
+        to hide behind."""
+        if self.group is None:
+            return self.signum is not None
+        if self.pending is not None:
+            with dist.waiting("the stop-flag all-reduce"):
+                self.pending.wait()
+            self.pending = None
+        flag = torch.tensor([1.0 if self.signum is not None or self.flag.item() > 0 else 0.0])
+        with dist.waiting("the stop-flag all-reduce"):
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self.group)
+        if flag.item() > 0:
+            self.signum = self.signum or signal.SIGTERM
+        return flag.item() > 0
 
     def exit_status(self) -> int:
         return 128 + int(self.signum)

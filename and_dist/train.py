@@ -27,7 +27,7 @@ from .models import build_model, convert_global_bn
 from .eval.prober import check_layers, run_probes
 from .report import Report
 from .state import RNG, Progress, RunConfig
-from .stop import Stop
+from .stop import Stop, exits_on_stop
 from .trainer import RunParts, Trainer
 
 
@@ -116,6 +116,7 @@ def _banner(log, cfg, env, run, data, ckpt, p) -> None:
              f"{len(data.train.classes)} classes, {skipped} skipped" + (" (skipped.txt)" if skipped else ""))
 
 
+@exits_on_stop("continue with resume=auto")
 def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
 

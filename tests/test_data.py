@@ -137,6 +137,36 @@ def test_imagefolder_walks_sub_folders_and_survives_odd_names_and_dangling_links
     assert any("without images: 'c'" in m for m in messages)
 
 
+def test_links_back_into_the_tree_are_read_once_and_links_out_of_it_are_followed(tmp_path):
+    """A class folder's link to train/ (the tree of 31 images that trained on 50), a file link to
+    another class's image and a second link to one outside folder: each left out with a line
+    naming it. A folder and a file linked from outside the tree are read, once."""
+    from and_dist.data.folder import list_split
+    from and_dist.prepare import plan
+    rng = np.random.RandomState(2)
+    root, outside = tmp_path / "tree", tmp_path / "elsewhere"
+    for rel in [*(f"train/a/{i}.png" for i in range(12)), *(f"train/b/{i}.png" for i in range(19)),
+                "test/a/t.png", "test/b/u.png", "o/x.png", "o/y.png", "solo.png"]:
+        where = outside if rel.startswith(("o/", "solo")) else root
+        _save(str(where / rel), rng.randint(0, 256, (8, 8, 3), dtype=np.uint8), "PNG")
+    os.symlink(root / "train", root / "train" / "a" / "all")            # back into the tree
+    os.symlink(root / "train" / "b" / "0.png", root / "train" / "a" / "b0.png")
+    os.symlink(outside / "o", root / "train" / "a" / "more")           # out of it: followed
+    os.symlink(outside / "o", root / "train" / "b" / "same")           # the same place again
+    os.symlink(outside / "solo.png", root / "train" / "b" / "solo.png")
+    said = []
+    paths, labels = list_split(str(root), "train", ["a", "b"], said.append)
+    assert labels.count(0) == 12 + 2 and labels.count(1) == 19 + 1, (labels, said)
+    assert len(set(map(os.path.realpath, paths))) == len(paths) == 34
+    skipped = sorted(l.split()[2] for l in said if l.startswith("warning: skipping"))
+    assert skipped == sorted(str(root / "train" / p) for p in ("a/all", "a/b0.png", "b/same")), said
+    assert all("would be read twice" in l for l in said if l.startswith("warning: skipping"))
+    tr, _ = load_datasets("imagefolder", str(root), 8, None, log=lambda m: None)
+    assert len(tr) == 34 and tr.labels.tolist() == labels
+    images, _ = plan(str(root), str(tmp_path / "copy"), log=lambda m: None)     # prepare's walk: the same
+    assert len(images) == 34 + 2
+
+
 # ---------------------------------------------------------------------------- official formats
 
 def _planar(images):

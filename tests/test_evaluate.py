@@ -68,6 +68,54 @@ def test_a_run_name_evaluated_by_knn_equals_the_runs_final_knn(trained):
     assert banked["knn_top1"] == summary["last_bank_knn_top1"] and len(evaluations(run)) == 2
 
 
+def test_sigterm_during_the_knn_pass_exits_143_unfinished_and_resume_finishes_it(trained):
+    """The kNN pass has no steps to checkpoint: a stop ends it at once (not at its end), the
+    evaluation stays unfinished with no result in it, and resume=auto does it again."""
+    run = only_run(trained)
+    before = set(evaluations(run)) if (run / "evaluations").exists() else set()
+    cmd = [sys.executable, "-m", "and_dist.evaluate", "knn", "--checkpoint", str(run), "data.demo_train=20000", *QUIET]
+    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 120
+    while not [p for p in run.glob("evaluations/*/evaluation.json") if p.parent not in before]:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)       # the record is written just before the pass: 20,000 images to go
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err
+    (new,) = set(evaluations(run)) - before
+    record = json.loads((new / "evaluation.json").read_text())
+    assert not record["finished"] and "knn_top1" not in record
+    assert not [p for p in new.rglob(".*") if p.name != ".lock" and "wandb" not in p.parts]
+    again = run_cli("and_dist.evaluate", "knn", "--checkpoint", str(run), "resume=auto", *QUIET)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert set(evaluations(run)) - before == {new} and json.loads((new / "evaluation.json").read_text())["finished"]
+
+
+def test_sigterm_during_an_export_write_leaves_neither_file(trained, tmp_path):
+    """Stopped while the .pth is being written (its hidden temporary file seen): exit 143, and
+    neither OUT.pth, OUT.json nor a temporary file is left. A stop that lands after the write
+    (a loaded machine) leaves both files whole; the trial is then made again."""
+    run = only_run(trained)
+    for attempt in range(3):
+        out = tmp_path / f"try{attempt}" / "r18.pth"
+        out.parent.mkdir()
+        proc = subprocess.Popen([sys.executable, "-m", "and_dist.export", str(run), "--to", "torchvision", str(out)],
+                                cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        while proc.poll() is None and not list(out.parent.glob(".r18.pth.tmp*")):
+            pass
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        left = sorted(p.name for p in out.parent.iterdir())
+        if proc.returncode == 0:
+            assert left == ["r18.json", "r18.pth"] and torch.load(out, weights_only=True)
+            continue
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert left == [] and "stopped by SIGTERM" in err, (left, err)
+        return
+    pytest.fail("three exports finished before the signal landed")
+
+
 def test_two_probe_evaluations_with_other_layers_both_stay_and_an_interrupted_one_continues(trained):
     run = only_run(trained)
     before = set(evaluations(run)) if (run / "evaluations").exists() else set()

@@ -82,6 +82,30 @@ def test_prepare_killed_midway_resumes_to_the_output_of_a_run_left_alone(tmp_pat
     assert all(check_image(str(dst / name))[3] is None for name in images)
 
 
+def test_prepare_stopped_by_sigterm_exits_143_leaves_no_part_and_continues(tmp_path):
+    """SIGTERM (to the process, as a user's kill; SLURM's reaches the workers too) midway: exit
+    128 + 15, no hidden part file left, every final name complete; the rerun finishes the copy."""
+    src = make_tree(tmp_path / "src")
+    dst = tmp_path / "dst"
+    proc = _prepare(src, dst, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if len([p for p in dst.rglob("*.JPEG") if not p.name.startswith(".")]) >= 4:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by SIGTERM" in out and "Traceback" not in out, out
+    assert not [p for p in dst.rglob(".*")], "a part file was left"
+    for p in dst.rglob("*.JPEG"):
+        assert check_image(str(p))[3] is None, p
+    again = _prepare(src, dst)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, out
+    assert len(list(dst.rglob("*.JPEG"))) == 24 * 2 + 4 and "kept" in out      # the corrupt one left out
+
+
 def test_prepare_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
     from and_dist.prepare import main
     for args in ([str(tmp_path / "none"), str(tmp_path / "out"), "--shorter-side=64"],

@@ -73,22 +73,65 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _files_under(cdir: str) -> tuple[list[str], int]:
+def _within(real: str, tree: str) -> bool:
+    """Whether `real` lies in `tree` or holds it (a link to the root or to train/ itself)."""
+    return real == tree or real.startswith(tree + os.sep) or tree.startswith(real + os.sep)
+
+
+class TreeWalk:
+    """The folders of a tree with links followed, where every real folder is met once: a link
+    (folder or file) that resolves into the tree itself, or to a place already met, is left out
+    with one line naming it, since its images are read where they lie (under their own class),
+    never a second time under this one's. Links that lead out of the tree (a data set assembled
+    from other disks) are followed. One scandir per folder: no stat per plain file."""
+
+    def __init__(self, tree: str, log=None):
+        self.tree, self.log = os.path.realpath(tree), log
+        self.seen: set[str] = set()           # real folders met, and the targets of file links
+        self.left_out = 0
+
+    def _new(self, path: str, link: bool) -> bool:
+        real = os.path.realpath(path)
+        inside = link and _within(real, self.tree)
+        if inside or real in self.seen:
+            self.left_out += 1
+            if self.log is not None:
+                self.log(f"warning: skipping {path} -> {real}: it leads {'into the tree' if inside else 'to a place already read'}, "
+                         "so its images would be read twice")
+            return False
+        self.seen.add(real)
+        return True
+
+    def __call__(self, start: str):
+        """(folder, the paths of its non-hidden files) for every folder under `start`, in order."""
+        if not self._new(start, os.path.islink(start)):
+            return
+        stack = [start]
+        while stack:
+            top = stack.pop()
+            folders, names = [], []
+            with os.scandir(top) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir():
+                        if self._new(e.path, e.is_symlink()):
+                            folders.append(e.path)
+                    elif not e.is_symlink() or self._new(e.path, True):
+                        names.append(e.path)
+            yield top, sorted(names)
+            stack += sorted(folders, reverse=True)
+
+
+def _files_under(cdir: str, walk: TreeWalk) -> tuple[list[str], int]:
     """Image paths under a class folder, sub-folders included (as torchvision's ImageFolder),
-    sorted; and how many other non-hidden files were passed over. Hidden entries and link cycles
-    are skipped."""
-    images, others, seen = [], 0, set()
-    for top, dirs, names in os.walk(cdir, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if _is_image(name):
-                images.append(os.path.join(top, name))
-            elif not name.startswith("."):
+    sorted; and how many other non-hidden files were passed over."""
+    images, others = [], 0
+    for _, paths in walk(cdir):
+        for path in paths:
+            if _is_image(os.path.basename(path)):
+                images.append(path)
+            else:
                 others += 1
     return sorted(images), others
 
@@ -105,8 +148,9 @@ def list_split(root: str, split: str, classes: list[str], log=None) -> tuple[lis
     if split != "train" and set(classes) - set(found):       # extra folders: a subset (data.classes)
         _same_classes(split_dir, sorted(set(found) & set(classes)), classes)
     paths, labels, empty, others = [], [], [], 0
+    walk = TreeWalk(split_dir, log)
     for label, cls in enumerate(classes):
-        images, passed = _files_under(os.path.join(split_dir, cls))
+        images, passed = _files_under(os.path.join(split_dir, cls), walk)
         paths += images
         labels += [label] * len(images)
         others += passed

@@ -27,7 +27,7 @@ from .. import files
 from .base import SplitInfo
 from .folder import file_stamp, list_split
 
-VERSION = 2  # bump when the cached fields change
+VERSION = 3  # bump when the cached fields or what a tree lists change (3: links into the tree)
 
 
 @dataclass
