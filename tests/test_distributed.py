@@ -169,4 +169,4 @@ def test_a_failing_rank_brings_the_job_down(tmp_path):
     code, log = finish(torchrun(2, [str(WORKERS / "dist_worker.py"), "fail", str(tmp_path / "x")]), timeout=120)
     assert code != 0
     assert "injected failure on rank 1" in log
-    assert time.time() - t0 < 100
+    assert time.time() - t0 < 100      # without the launcher ending it, rank 0 would wait out the 600 s timeout

@@ -236,8 +236,10 @@ def test_progress_in_a_log_file_is_a_line_every_interval_never_a_redraw():
     from and_dist.log import _LineBar
     lines = []
     bar = _LineBar(100, "round 1 discovery", lines.append, every=0.05)
+    t0 = time.monotonic()
     for _ in range(10):
         time.sleep(0.02)
         bar.update(10)
-    assert 2 <= len(lines) <= 5 and all(l.startswith("round 1 discovery: ") and "ETA" in l for l in lines)
+    took = time.monotonic() - t0         # >= 0.2 s; longer on a loaded machine, so more lines
+    assert 2 <= len(lines) <= min(10, took / 0.05 + 1) and all(l.startswith("round 1 discovery: ") and "ETA" in l for l in lines)
     assert "\r" not in "".join(lines)

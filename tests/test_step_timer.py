@@ -21,9 +21,10 @@ def test_waits_and_compute_are_split_per_step():
     for _ in timer.batches(_slow(range(5), 0.03)):
         time.sleep(0.01)
     split = timer.split()
+    # sleeps only ever overshoot on a loaded machine: lower bounds, and the share as measured
     assert split["data_wait_ms"] >= 30 and split["compute_ms"] >= 10
     assert split["data_wait_ms"] + split["compute_ms"] == split["step_ms"]
-    assert 0.5 < split["data_wait_share"] < 1
+    assert abs(split["data_wait_share"] - split["data_wait_ms"] / split["step_ms"]) < 1e-3
     assert re.fullmatch(r"data wait \d+% \(\d+\.\d of \d+\.\d ms/step\)", describe(split))
     empty = timer.split()                                  # nothing since the last split
     assert all(v != v for v in empty.values()) and describe(empty) == "data wait -"
