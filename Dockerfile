@@ -8,7 +8,7 @@
 #       torchrun --nproc_per_node=8 -m and_dist.train --config imagenet_alexnet data.root=/data/imagenet
 #
 # SLURM with enroot + pyxis: each srun task finds its rank, world size and rendezvous address in
-# SLURM's variables (and_dist/cluster.py), so no torchrun and no launcher is needed inside:
+# SLURM's variables (and_dist/platform/cluster.py), so no torchrun and no launcher is needed inside:
 #   enroot import -o and_dist.sqsh dockerd://and_dist:gpu
 #   srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --container-image=./and_dist.sqsh \
 #        --container-mounts=/data:/data,$HOME/and_dist_runs:/root/and_dist_runs \

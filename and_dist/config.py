@@ -17,16 +17,16 @@ from pathlib import Path
 
 import yaml
 
-from . import files
+from .platform import files
 from .data import LOADERS, MAX_CACHED_SIZE, SOURCES, check_root
 from .data.layout import check_layout_keys, find_file
-from .errors import UserError
+from .platform.errors import UserError
 from .method.attention import KERNELS as BANK_KERNELS
 from .method.curriculum import METHODS
 from .method.discovery import BACKENDS, KERNELS, PRECISIONS, check_choice
 from .models import ARCHS
-from .typed import (AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, PROBABILITY, SCALE_RANGE,
-                    ConfigError, apply_override, check_fields, describe, merge, opt, yaml_load)
+from .platform.typed import (AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, PROBABILITY, SCALE_RANGE,
+                             ConfigError, apply_override, check_fields, describe, merge, opt, yaml_load)
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_args", "config_or_exit", "config_from_dict",
            "save_config", "to_dict", "validate"]
@@ -318,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def config_or_exit(argv: list[str] | None = None) -> Config:
     """parse_args for entry points: a config mistake is one `error:` line and exit status 2."""
-    from .entry import user_error_exit
+    from .run.entry import user_error_exit
     return user_error_exit(parse_args, argv)
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, files, rundir
+from .run import checkpoint, rundir
+from .platform import dist, files
 from .config import Config, save_config
-from .entry import Session, main_decides, main_rank, user_error_exit
-from .errors import UserError
-from .log import RunLog, fmt
-from .stop import Stop, Stopped, exits_on_stop, raising
+from .run.entry import Session, main_decides, main_rank, user_error_exit
+from .platform.errors import UserError
+from .platform.log import RunLog, fmt
+from .run.stop import Stop, Stopped, exits_on_stop, raising
 
 KINDS = ("knn", "probe", "all")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import files
-from .errors import EXIT_USER_ERROR, UserError
-from .stop import exits_on_stop
+from .platform import files
+from .platform.errors import EXIT_USER_ERROR, UserError
+from .run.stop import exits_on_stop
 
 TORCHVISION = {  # our arch -> (torchvision builder, its classifier keys, how to load)
     "resnet18": ("resnet18", ["fc.weight", "fc.bias"], "m = torchvision.models.resnet18()"),

@@ -29,8 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data.folder import TreeWalk, _is_image, to_rgb
-from .errors import EXIT_USER_ERROR, UserError
-from .stop import SIGNALS, exits_on_stop
+from .platform.errors import EXIT_USER_ERROR, UserError
+from .run.stop import SIGNALS, exits_on_stop
 
 KEEP_FORMATS = ("JPEG", "PNG")      # small images in these formats are copied byte for byte
 

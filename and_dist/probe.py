@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from .run import checkpoint
 from .config import Config, load_config, save_config
-from .entry import Session, user_error_exit
-from .errors import UserError
+from .run.entry import Session, user_error_exit
+from .platform.errors import UserError
 from .eval.prober import run_probes
-from .log import RunLog
-from .stop import Stop, exits_on_stop
+from .platform.log import RunLog
+from .run.stop import Stop, exits_on_stop
 
 
 def _checkpoint_dir(text: str) -> Path:

@@ -15,20 +15,21 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, precision, rundir
+from .run import checkpoint, rundir
+from .platform import dist, precision
 from .config import Config, config_or_exit, save_config, to_dict
 from .data import build_data
-from .entry import Session, main_decides
-from .errors import UserError
-from .log import RunLog
+from .run.entry import Session, main_decides
+from .platform.errors import UserError
+from .platform.log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
 from .models import build_model, convert_global_bn
 from .eval.prober import check_layers, run_probes
-from .report import Report
-from .state import RNG, Progress, RunConfig
-from .stop import Stop, exits_on_stop
-from .trainer import RunParts, Trainer
+from .training.report import Report
+from .training.state import RNG, Progress, RunConfig
+from .run.stop import Stop, exits_on_stop
+from .training.trainer import RunParts, Trainer
 
 
 def _choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:

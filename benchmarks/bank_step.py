@@ -54,7 +54,7 @@ def worker(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from and_dist import dist
+    from and_dist.platform import dist
     from and_dist.method.bank import INIT_BLOCK, ShardedBank
     from and_dist.method.curriculum import positive_sets
     from and_dist.method.loss import and_loss

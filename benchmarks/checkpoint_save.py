@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from xxhash import xxh3_64  # noqa: E402
 
-from and_dist import checkpoint, files  # noqa: E402
+from and_dist.run import checkpoint
+from and_dist.platform import files  # noqa: E402
 from and_dist.method.bank import ShardedBank  # noqa: E402
 
 

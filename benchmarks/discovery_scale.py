@@ -60,7 +60,7 @@ class _Stop(Exception):
 def worker(args) -> None:
     import torch
 
-    from and_dist import dist
+    from and_dist.platform import dist
     from and_dist.method.bank import ShardedBank
     from and_dist.method.discovery import discover
 

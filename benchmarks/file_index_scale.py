@@ -74,7 +74,7 @@ def make_tree(root: Path, files: int, classes: int) -> Path:
 
 def worker(args) -> None:
     import torch
-    from and_dist import dist
+    from and_dist.platform import dist
     from and_dist.config import load_config
     from and_dist.data import build_data
     env = dist.init("cpu")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from and_dist.config import load_config  # noqa: E402
 from and_dist.data import build_data  # noqa: E402
-from and_dist.dist import Env  # noqa: E402
+from and_dist.platform.dist import Env  # noqa: E402
 
 
 def _save_pattern(path: Path, rng, h: int, w: int) -> None:

@@ -41,15 +41,15 @@ def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str
           root: str = "", workers: int = 8):
     """The trainer's parts for one case: CachedData over synthetic images, or with `root` (an
     ImageFolder tree) the torch streaming loader over its JPEGs."""
-    from and_dist import dist, precision
+    from and_dist.platform import dist, precision
     from and_dist.config import Config
     from and_dist.data import load_streamed
     from and_dist.data.cached import CachedData
     from and_dist.method.bank import ShardedBank
     from and_dist.method.curriculum import Curriculum
     from and_dist.models import build_model
-    from and_dist.state import Progress
-    from and_dist.trainer import RunParts, Trainer
+    from and_dist.training.state import Progress
+    from and_dist.training.trainer import RunParts, Trainer
 
     cfg = Config()
     cfg.model.arch, cfg.data.image_size, cfg.train.batch_size = arch, size, batch
@@ -100,7 +100,7 @@ def run_case(arch: str, size: int, batch: int, n: int, device: str, precision_: 
     """One case measured: images/s of the trainer (prefetch `prefetch` and 0), of the model's own
     forward + backward + SGD, of the step on a fixed batch and of the data alone; the trainer's
     input-stall split (step_timer) and, with `syncs`, host syncs per step."""
-    from and_dist.step_timer import StepTimer
+    from and_dist.run.step_timer import StepTimer
     cuda = torch.device(device).type == "cuda"
     n = n if size <= 96 else max(n // 10, 4 * batch)
     trainer, data, forward, opt, env = build(arch, size, batch, n, device, precision_, compile_, root, workers)
@@ -161,7 +161,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    from and_dist import precision
+    from and_dist.platform import precision
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, precision "
           f"{precision.resolve(args.precision, torch.device(args.device))}, compile {args.compile}, "
           f"{args.steps} timed steps", flush=True)

@@ -1,11 +1,11 @@
 """What runs inside a SLURM job: one stage (pretraining or the linear probes) on every task.
 
-submitit pickles a `Stage` and runs it once per task (one task per GPU). `and_dist.dist.init`
+submitit pickles a `Stage` and runs it once per task (one task per GPU). `and_dist.platform.dist.init`
 finds rank, world size and the rendezvous address in the SLURM_* variables, so nothing here
 touches torch.distributed.
 
 Preemption and time limits: SLURM sends SIGUSR2 before the end (`--signal=USR2@...`, or
-`scancel --signal=USR2`). While training (or probing) the stage's own handler (and_dist/stop.py)
+`scancel --signal=USR2`). While training (or probing) the stage's own handler (and_dist/run/stop.py)
 saves a checkpoint at the next step boundary, `main` returns 128 + USR2 and submitit's handler is
 back in place. Task 0 then hands it the signal again: submitit calls `Stage.checkpoint()`, stores
 the returned copy of the stage and runs `scontrol requeue`; the other tasks end quietly. The
@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass, replace
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)   # 128+N from the trainer: requeue
-EXIT_STALLED = 3       # and_dist.errors.EXIT_STALLED: a rank stopped answering; requeue too
-# torchrun's variables win over SLURM's in and_dist/cluster.py; inherited from the shell that
+EXIT_STALLED = 3       # and_dist.platform.errors.EXIT_STALLED: a rank stopped answering; requeue too
+# torchrun's variables win over SLURM's in and_dist/platform/cluster.py; inherited from the shell that
 # submitted (sbatch exports it), they would put every task at the same rank
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -65,7 +65,7 @@ def query() -> dict[str, Partition] | None:
     with clean_env():                  # inside an allocation its SLURM_* variables would leak in
         out = subprocess.run(["sinfo", "-a", "-h", "-o", FORMAT], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
-        from and_dist.errors import UserError
+        from and_dist.platform.errors import UserError
         said = (out.stderr or out.stdout).strip().splitlines()
         raise UserError(f"sinfo failed ({said[-1] if said else f'exit status {out.returncode}'}): is the SLURM "
                         "controller reachable? (--dry-run skips the check)")

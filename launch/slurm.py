@@ -35,9 +35,9 @@ import job as job_module            # beside this file: python puts launch/ on t
 import partition
 from job import Stage
 
-from and_dist import rundir
+from and_dist.run import rundir
 from and_dist.config import ConfigError, Config, load_config, save_config, to_dict
-from and_dist.errors import EXIT_USER_ERROR, UserError
+from and_dist.platform.errors import EXIT_USER_ERROR, UserError
 
 cloudpickle.register_pickle_by_value(job_module)   # jobs unpickle Stage without launch/ on their path
 

@@ -1,7 +1,7 @@
 """Where a process sits in its job, from torchrun's or SLURM's variables (no scontrol needed)."""
 import pytest
 
-from and_dist.cluster import first_host, placement
+from and_dist.platform.cluster import first_host, placement
 
 
 @pytest.mark.parametrize("nodes,first", [

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from and_dist import rundir
+from and_dist.run import rundir
 from and_dist.config import (
     Config, ConfigError, config_or_exit, load_config, parse_args, save_config, to_dict,
     validate,

@@ -345,7 +345,7 @@ def test_masked_colour_jitter_equals_the_indexed_one():
 
 def _cached(prefetch: int, n: int = 96, batch: int = 16):
     from and_dist.config import Config
-    from and_dist.dist import Env
+    from and_dist.platform.dist import Env
     from and_dist.data.cached import CachedData
     cfg = Config()
     cfg.data.prefetch, cfg.train.batch_size = prefetch, batch

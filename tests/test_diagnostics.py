@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from and_dist.log import RunLog
+from and_dist.platform.log import RunLog
 from and_dist.method.curriculum import Curriculum, consistency
 from and_dist.method.diagnostics import by_entropy_bins, chance, diagnose, sample_consistency
 from and_dist.method.discovery import Neighbourhood
-from and_dist.report import Report
+from and_dist.training.report import Report
 
 
 def test_deciles_follow_the_entropy_ranking_with_uneven_bins_and_ties_by_index():

@@ -245,7 +245,7 @@ def test_a_torchvision_alexnet_with_dataparallel_on_features_matches():
 
 
 def test_the_released_and_cifar_checkpoint_loads_and_its_bank_serves_the_knn(tmp_path, capsys):
-    from and_dist import dist
+    from and_dist.platform import dist
     from and_dist.config import Config
     from and_dist.data import build_data
     from and_dist.eval.knn import knn_eval

@@ -15,7 +15,7 @@ def _env() -> dict:
 
 
 def test_the_entry_points_import_without_the_optional_packages():
-    code = ("import and_dist.train, and_dist.probe, and_dist.trainer, and_dist.eval.prober, "
+    code = ("import and_dist.train, and_dist.probe, and_dist.training.trainer, and_dist.eval.prober, "
             "and_dist.data.pil_stream, and_dist.method.discovery, sys\n"
             "for name in ('wandb', 'faiss', 'submitit', 'nvidia.dali'):\n"
             "    try:\n"

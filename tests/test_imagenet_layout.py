@@ -15,7 +15,7 @@ from helpers import ENV, REPO, events, final_bank, free_port, jpeg
 
 from and_dist.data.index import load_index
 from and_dist.data.layout import resolve
-from and_dist.errors import UserError
+from and_dist.platform.errors import UserError
 
 WNIDS = [f"n0{1000000 + 7919 * k:07d}" for k in range(12)]        # 12 sorted synthetic wnids
 ILSVRC_ID = {w: 12 - k for k, w in enumerate(WNIDS)}              # devkit ids in another order than sorted

@@ -152,7 +152,7 @@ def test_global_bn_is_plain_bn_in_one_process():
 
 
 def test_alexnet_builds_for_its_input_size_or_refuses_in_one_line():
-    from and_dist.errors import UserError
+    from and_dist.platform.errors import UserError
     for size in (64, 96, 224):
         model = build_model("alexnet_bn", image_size=size).eval()
         with torch.no_grad():

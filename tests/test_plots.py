@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from and_dist import plots
+from and_dist.platform import plots
 
 REPO = Path(__file__).parent.parent
 ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}

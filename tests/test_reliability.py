@@ -15,7 +15,7 @@ import pytest
 from helpers import free_port
 import torch
 
-from and_dist import checkpoint
+from and_dist.run import checkpoint
 
 REPO = Path(__file__).parent.parent
 ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
@@ -249,7 +249,7 @@ def test_a_rank_stopped_in_a_ddp_collective_is_named_and_ended(where):
 def test_wandb_steps_keep_growing_across_resumes_from_one_checkpoint(tmp_path):
     """Resumed twice from the same checkpoint (the second time after a crash): every step sent to
     wandb (offline, real) is above every step it saw before, the true step beside it."""
-    from and_dist.log import RunLog
+    from and_dist.platform.log import RunLog
 
     def segment(state, steps):
         log = RunLog(tmp_path, True, False, "offline", "p", "", {}, "n")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from and_dist import rundir
+from and_dist.run import rundir
 
 REPO = Path(__file__).parent.parent
 ENV = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
@@ -233,7 +233,7 @@ def test_instance_baseline_makes_no_anchors_and_trains_the_same_steps(tmp_path):
 
 
 def test_progress_in_a_log_file_is_a_line_every_interval_never_a_redraw():
-    from and_dist.log import _LineBar
+    from and_dist.platform.log import _LineBar
     lines = []
     bar = _LineBar(100, "round 1 discovery", lines.append, every=0.05)
     t0 = time.monotonic()

@@ -7,7 +7,7 @@ import torch
 
 from and_dist import train
 from and_dist.data.cached import CachedData
-from and_dist.step_timer import StepTimer, describe
+from and_dist.run.step_timer import StepTimer, describe
 
 
 def _slow(items, seconds):

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(REPO))
 
-from and_dist import dist  # noqa: E402
+from and_dist.platform import dist  # noqa: E402
 from and_dist.config import load_config  # noqa: E402
 from and_dist.data import build_data  # noqa: E402
 from and_dist.data.index import load_index  # noqa: E402

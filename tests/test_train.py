@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from and_dist import rundir
+from and_dist.run import rundir
 from and_dist.config import load_config
 from and_dist.data.sampler import global_batches
-from and_dist.trainer import lr_at
+from and_dist.training.trainer import lr_at
 
 REPO = Path(__file__).parent.parent
 
@@ -63,7 +63,7 @@ def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_ru
 
 def test_load_model_rebuilds_the_trained_model_from_a_run_directory(demo_run):
     import torch
-    from and_dist import checkpoint
+    from and_dist.run import checkpoint
     from and_dist.eval.pretrained import load_model
     run, _ = demo_run
     model, cfg, ckpt = load_model(run)

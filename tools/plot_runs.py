@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from and_dist.errors import EXIT_USER_ERROR, UserError
-from and_dist.plots import compare_chart
+from and_dist.platform.errors import EXIT_USER_ERROR, UserError
+from and_dist.platform.plots import compare_chart
 
 
 DIAGNOSTIC_KEYS = ("all_consistency", "chance_consistency")

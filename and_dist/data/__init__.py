@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import UserError
+from ..platform.errors import UserError
 from .base import Batch, SplitInfo, TrainData
 from .cached import CachedData, ImageSet, load_imagefolder
 from .layout import resolve
@@ -101,7 +101,7 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
 def _main_first(env, load):
     """`load(is_main)` on rank 0 first (it fills the caches), then on the others (they read them);
     a UserError on rank 0 stops every rank with its message instead of leaving them waiting."""
-    from ..entry import main_decides
+    from ..run.entry import main_decides
     result = main_decides(env, lambda: load(True), share=False)
     return result if env.is_main else load(False)
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import files
+from ..platform import files
 from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
 from .base import Batch, SplitInfo
 from .folder import file_stamp, list_split, to_rgb
@@ -127,7 +127,7 @@ class CachedData:
         d, t = cfg.data, cfg.train
         self.images, self.test_images = train.images, test.images
         if env.device.type == "cuda":  # on the device when it fits: a step then never waits on the host
-            from ..memory import free_bytes
+            from ..platform.memory import free_bytes
             if train.images.nbytes + test.images.nbytes < 0.25 * free_bytes(env.device):
                 self.images, self.test_images = train.images.to(env.device), test.images.to(env.device)
         self.train, self.test = train.info(), test.info()

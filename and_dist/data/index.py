@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import files
+from ..platform import files
 from .base import SplitInfo
 from .folder import file_stamp, list_split
 

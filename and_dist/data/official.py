@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..platform.errors import UserError
 from .cached import ImageSet
 
 URLS = {

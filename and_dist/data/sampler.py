@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dist import shard_sizes
+from ..platform.dist import shard_sizes
 
 
 def seed_of(*parts: int) -> int:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import dist, memory
-from ..log import NoBar
+from ..platform import dist, memory
+from ..platform.log import NoBar
 
 
 @torch.no_grad()

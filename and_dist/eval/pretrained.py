@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from ..run import checkpoint
 from ..config import Config, config_from_dict
 from ..models import build_model
 

@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import checkpoint, dist, files
+from ..run import checkpoint
+from ..platform import dist, files
 from ..config import Config
 from ..data import build_data
-from ..errors import UserError
-from ..log import RunLog, fmt
-from ..loop import Loop, step_lr
-from ..stop import Stop
+from ..platform.errors import UserError
+from ..platform.log import RunLog, fmt
+from ..run.loop import Loop, step_lr
+from ..run.stop import Stop
 from .probes import ProbeHeads, ProbeProgress, Taps, evaluate
 
 
@@ -205,7 +206,7 @@ class Prober(Loop):
             "protocol": asdict(self.protocol), "history": p.history, "seconds": p.seconds,
         }
         if self.env.is_main and last:
-            from ..plots import probe_chart
+            from ..platform.plots import probe_chart
             files.write_text(self.out / "probes.json", json.dumps(results, indent=2))
             title = f"{cfg.name}: linear probes ({cfg.model.arch}, epoch {p.epoch}/{self.protocol.epochs})"
             chart = probe_chart(self.out / "probes.png", {n: r["top1"] for n, r in last.items()}, knn1, title)

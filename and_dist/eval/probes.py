@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import dist
-from ..errors import UserError
+from ..platform import dist
+from ..platform.errors import UserError
 from ..models.global_bn import GlobalBatchNorm
 
 TARGET_DIM = 9216

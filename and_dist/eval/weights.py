@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..platform.errors import UserError
 from ..models import ARCHS, EmbeddingNet, build_model
 
 WRAPPERS = ("state_dict", "model", "net", "teacher", "student", "model_state_dict", "network",

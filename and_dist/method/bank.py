@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import dist
-from ..errors import UserError
+from ..platform import dist
+from ..platform.errors import UserError
 
 INIT_BLOCK = 65536  # rows drawn per seeded block, so the initial bank is the same for any world size
 

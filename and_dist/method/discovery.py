@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from .. import dist, memory
-from ..errors import UserError
+from ..platform import dist, memory
+from ..platform.errors import UserError
 from .attention import attention_entropy, triton_available
 from .bank import ShardedBank
 

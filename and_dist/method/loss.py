@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .. import dist
+from ..platform import dist
 from .bank import ShardedBank
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..platform.errors import UserError
 from .alexnet import conv5_size
 
 

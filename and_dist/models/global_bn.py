@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import dist
+from ..platform import dist
 
 
 class _GlobalBatchNorm(torch.autograd.Function):

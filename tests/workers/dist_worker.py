@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from and_dist import dist
+from and_dist.platform import dist
 from and_dist.method.bank import ShardedBank
 from and_dist.method.discovery import discover
 from and_dist.eval.knn import knn_accuracy

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from and_dist import dist
-from and_dist.entry import Session
+from and_dist.platform import dist
+from and_dist.run.entry import Session
 
 
 class Settings:

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import dist, rundir
-from .errors import EXIT_USER_ERROR, UserError, exit_status
+from ..platform import dist
+from . import rundir
+from ..platform.errors import EXIT_USER_ERROR, UserError, exit_status
 
 
 def main_decides(env, decide: Callable, share: bool = True):

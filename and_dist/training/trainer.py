@@ -13,18 +13,18 @@ from pathlib import Path
 
 import torch
 
-from .eval.knn import knn_eval
-from .log import RunLog, fmt
-from .loop import Loop, cosine_lr, step_lr
+from ..eval.knn import knn_eval
+from ..platform.log import RunLog, fmt
+from ..run.loop import Loop, cosine_lr, step_lr
 from .report import Report, round_table
-from .method.bank import ShardedBank
-from .method.curriculum import Curriculum
-from .method.discovery import discover
-from .method.attention import select_shard_fn
-from .method.loss import and_loss
+from ..method.bank import ShardedBank
+from ..method.curriculum import Curriculum
+from ..method.discovery import discover
+from ..method.attention import select_shard_fn
+from ..method.loss import and_loss
 from .state import Progress
-from .step_timer import describe
-from .stop import Stop
+from ..run.step_timer import describe
+from ..run.stop import Stop
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import UserError
+from ..platform.errors import UserError
 
 
 @dataclass

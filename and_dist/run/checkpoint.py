@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from . import dist, files
-from .errors import UserError
+from ..platform import dist, files
+from ..platform.errors import UserError
 
 LATEST = "latest"
 STATE = "state.pt"

@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..platform.errors import UserError
 
 LOCK = ".lock"
 MARKER = "config.yaml"      # a directory holding this holds a run

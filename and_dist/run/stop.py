@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as tdist
 
-from . import dist
+from ..platform import dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import dist
-from .files import WriteError, write_text
-from .log import fmt, strict
+from ..platform import dist
+from ..platform.files import WriteError, write_text
+from ..platform.log import fmt, strict
 
 
 class SummaryFailed(RuntimeError):
@@ -24,7 +24,7 @@ class Report:
         if not self.enabled:
             return
         self.diagnostics(round_, curriculum, data.train.labels, step)
-        from . import plots
+        from ..platform import plots
         nb = curriculum.nbhd
         grid = plots.anchor_grid(self.dir / f"anchors-round{round_}.png", nb.entropy, nb.neighbours,
                                  curriculum.anchor, data.train.labels, data.pictures, round_)
@@ -37,7 +37,7 @@ class Report:
     def diagnostics(self, round_: int, curriculum, labels, step: int) -> None:
         """Neighbourhood consistency by entropy decile and of the anchors against the rest:
         metrics, one console line and one picture; one line instead when there are no labels."""
-        from .method.diagnostics import diagnose
+        from ..method.diagnostics import diagnose
         nb = curriculum.nbhd
         diag = diagnose(nb.entropy, nb.neighbours, curriculum.anchor, labels)
         if diag is None:
@@ -48,14 +48,14 @@ class Report:
                       + " ".join(fmt(v, ".2f") for v in diag.deciles)
                       + f"; anchors {fmt(diag.anchors, '.3f')}, rest {fmt(diag.rest, '.3f')}, "
                       f"chance {diag.chance:.3f}")
-        from . import plots
+        from ..platform import plots
         path = plots.consistency_chart(self.dir / f"consistency-round{round_}.png", diag, round_)
         self.log.image("pictures/consistency", path, step)
 
     def rounds(self, rows: list[dict], step: int) -> None:
         if not self.enabled:
             return
-        from . import plots
+        from ..platform import plots
         path = plots.rounds_chart(self.dir / "rounds.png", rows)
         self.log.image("pictures/rounds", path, step)
 
