@@ -358,21 +358,21 @@ def config_from_dict(d: dict) -> Config:
     return cfg
 
 
-TABLE_START, TABLE_END = "<!-- key table: python -m and_dist.config --write README.md -->", "<!-- end of key table -->"
+TABLE_START, TABLE_END = "<!-- key table: python -m and_dist.config --write docs/config.md -->", "<!-- end of key table -->"
 
 
-def readme_with_table(text: str) -> str:
-    """`text` (the README) with the key table between its markers regenerated."""
+def with_key_table(text: str) -> str:
+    """`text` (docs/config.md) with the key table between its markers regenerated."""
     head, sep, rest = text.partition(TABLE_START)
     _, sep2, tail = rest.partition(TABLE_END)
     if not (sep and sep2):
-        raise ValueError(f"the README has no key-table markers ({TABLE_START} ... {TABLE_END})")
+        raise ValueError(f"no key-table markers ({TABLE_START} ... {TABLE_END})")
     return f"{head}{TABLE_START}\n{key_table()}\n{TABLE_END}{tail}"
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--write"]:
-        readme = Path(sys.argv[2])
-        readme.write_text(readme_with_table(readme.read_text()))
+        doc = Path(sys.argv[2])
+        doc.write_text(with_key_table(doc.read_text()))
     else:
         print(key_table())

@@ -272,12 +272,13 @@ def test_large_images_are_refused_by_the_in_memory_loader():
         load_config("imagenet_alexnet", ["data.source=demo", "data.loader=cached"])
 
 
-def test_readme_key_table_is_the_schema():
-    """The README's key table is generated from the schema's helps (python -m and_dist.config
-    --write README.md); every field has a help."""
+def test_the_key_reference_is_the_schema_and_the_layout_is_the_tree():
+    """docs/config.md's key table is generated from the schema's helps (python -m and_dist.config
+    --write docs/config.md), every field has a help; docs/design.md's layout block is what
+    tools/layout.py prints from the tree as it is."""
     from dataclasses import fields, is_dataclass
 
-    from and_dist.config import readme_with_table
+    from and_dist.config import with_key_table
 
     def missing(obj, prefix=""):
         for f in fields(obj):
@@ -286,8 +287,12 @@ def test_readme_key_table_is_the_schema():
                 ([prefix + f.name] if not f.metadata.get("help") else [])
 
     assert list(missing(Config())) == []
-    readme = (REPO / "README.md").read_text()
-    assert readme_with_table(readme) == readme, "README key table is stale: python -m and_dist.config --write README.md"
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert with_key_table(doc) == doc, "the key table is stale: python -m and_dist.config --write docs/config.md"
+    sys.path.insert(0, str(REPO / "tools"))
+    from layout import with_layout
+    design = (REPO / "docs" / "design.md").read_text()
+    assert with_layout(design) == design, "the layout is stale: python tools/layout.py --write docs/design.md"
 
 
 @pytest.mark.parametrize("overrides, words", [
