@@ -361,13 +361,19 @@ def config_from_dict(d: dict) -> Config:
 TABLE_START, TABLE_END = "<!-- key table: python -m and_dist.config --write docs/config.md -->", "<!-- end of key table -->"
 
 
+def replace_block(text: str, start: str, end: str, block: str) -> str:
+    """`text` with what lies between the markers `start` and `end` replaced by `block` (the
+    generated parts of the docs)."""
+    head, sep, rest = text.partition(start)
+    _, sep2, tail = rest.partition(end)
+    if not (sep and sep2):
+        raise ValueError(f"no markers {start} ... {end}")
+    return f"{head}{start}\n{block}\n{end}{tail}"
+
+
 def with_key_table(text: str) -> str:
     """`text` (docs/config.md) with the key table between its markers regenerated."""
-    head, sep, rest = text.partition(TABLE_START)
-    _, sep2, tail = rest.partition(TABLE_END)
-    if not (sep and sep2):
-        raise ValueError(f"no key-table markers ({TABLE_START} ... {TABLE_END})")
-    return f"{head}{TABLE_START}\n{key_table()}\n{TABLE_END}{tail}"
+    return replace_block(text, TABLE_START, TABLE_END, key_table())
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ def _prepare(src: Path, dst: Path, **kw):
     return subprocess.Popen(cmd, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
+def _wait_for_images(proc, dst: Path, n: int) -> None:
+    """Until `n` JPEGs hold their final names in `dst` (or prepare ended)."""
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if len([p for p in dst.rglob("*.JPEG") if not p.name.startswith(".")]) >= n:
+            return
+        time.sleep(0.005)
+
+
 def test_prepare_killed_midway_resumes_to_the_output_of_a_run_left_alone(tmp_path):
     src = make_tree(tmp_path / "src")
     alone = _prepare(src, tmp_path / "alone")
@@ -61,11 +70,7 @@ def test_prepare_killed_midway_resumes_to_the_output_of_a_run_left_alone(tmp_pat
     # Killed (the whole process group, workers included) once a few images are written.
     dst = tmp_path / "dst"
     proc = _prepare(src, dst, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if len([p for p in dst.rglob("*.JPEG") if not p.name.startswith(".")]) >= 6:
-            break
-        time.sleep(0.005)
+    _wait_for_images(proc, dst, 6)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "prepare ended before it could be killed"
@@ -88,11 +93,7 @@ def test_prepare_stopped_by_sigterm_exits_143_leaves_no_part_and_continues(tmp_p
     src = make_tree(tmp_path / "src")
     dst = tmp_path / "dst"
     proc = _prepare(src, dst, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if len([p for p in dst.rglob("*.JPEG") if not p.name.startswith(".")]) >= 4:
-            break
-        time.sleep(0.005)
+    _wait_for_images(proc, dst, 4)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, out

@@ -12,6 +12,8 @@ import ast
 import sys
 from pathlib import Path
 
+from and_dist.config import replace_block
+
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- layout: python tools/layout.py --write docs/design.md -->", "<!-- end of layout -->"
 ENTRY_POINTS = ("train", "evaluate", "probe", "export", "prepare", "config")
@@ -60,11 +62,7 @@ def layout() -> str:
 
 
 def with_layout(text: str) -> str:
-    head, sep, rest = text.partition(START)
-    _, sep2, tail = rest.partition(END)
-    if not (sep and sep2):
-        raise ValueError(f"no layout markers ({START} ... {END})")
-    return f"{head}{START}\n{layout()}\n{END}{tail}"
+    return replace_block(text, START, END, layout())
 
 
 if __name__ == "__main__":
