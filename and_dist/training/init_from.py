@@ -47,12 +47,9 @@ def _mismatch(key: str, theirs, ours) -> UserError:
 def read(cfg) -> Source:
     """The source `cfg.init_from` names, checked against cfg's model and image size."""
     from ..config import config_from_dict
-    from ..evaluate import resolve
+    from ..eval.pretrained import resolve
     from ..run import checkpoint
-    try:
-        ckpt, weights, chosen = resolve(cfg.init_from)
-    except UserError as e:
-        raise UserError(f"init_from: {str(e).replace('--checkpoint ', '')}") from None
+    ckpt, weights, chosen = resolve(cfg.init_from, "init_from")
     if weights is not None:
         return _weights_file(cfg, weights)
     state = checkpoint.read_state(ckpt)
