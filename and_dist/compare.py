@@ -23,11 +23,11 @@ out_dir/<name>/compare.md and compare.json (per arm and round: kNN top-1, the an
 samples' neighbourhood consistency, as mean, sample sd over seeds (none for one seed) and n) and
 compare.png (kNN per round per arm, the band one sd either side of the mean).
 
-Runs are trained one after another in this process; under torchrun or srun every rank runs this
-same command and each run joins the process group anew. `--print-commands` prints each run's
-`python -m and_dist.train` command instead (bases first: an arm's init_from must exist), to start
-them by any other means (torchrun, `python launch/slurm.py` with the same arguments); once they
-have finished, the command without --print-commands writes the table.
+Runs are trained one after another in this one process (a second process group in one process
+hangs at its rendezvous, so a multi-rank launch is refused). For several ranks, `--print-commands`
+prints each run's `python -m and_dist.train` command instead (bases first: an arm's init_from must
+exist) to start under torchrun, srun or `python launch/slurm.py` with the same arguments; once
+they have finished, this command (alone) skips them all and writes the table.
 
 Exit status: 0 done; 2 a user error (one line, before any run starts); 128 + N a signal stopped a
 run after its checkpoint; otherwise the failing run's status.
@@ -44,6 +44,7 @@ from pathlib import Path
 
 from .config import load_config
 from .platform import files
+from .platform.cluster import placement
 from .platform.errors import UserError
 from .run.entry import main_rank, user_error_exit
 from .run.stop import exits_on_stop
@@ -236,6 +237,11 @@ def write_table(root: Path, arms: list[str], seeds: list[int], branch: int, jobs
 
 # ---------------------------------------------------------------------------------- entry
 
+def _refuse_ranks():
+    raise UserError("compare trains its runs one after another in one process: start it alone, or start each "
+                    "command of --print-commands under torchrun / srun / launch/slurm.py, then this command alone")
+
+
 @exits_on_stop("run the same command again to continue")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m and_dist.compare", description=__doc__.split("\n\n")[0],
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = user_error_exit(parse_arms, args.arms)
     seeds = user_error_exit(parse_seeds, args.seeds)
     root, jobs = user_error_exit(plan, args.config, args.overrides, arms, seeds, args.branch_after_round)
+    if placement().world > 1 and not args.print_commands:
+        user_error_exit(_refuse_ranks)
     if args.print_commands:
         for job in jobs:
             print(f"python -m and_dist.train {shlex.join(job.argv)}")

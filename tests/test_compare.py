@@ -138,3 +138,12 @@ def test_sigterm_in_the_middle_of_an_arm_exits_143_and_the_rerun_continues_it(co
         assert summary_rounds(tmp_path / "c" / "seed0" / name) == summary_rounds(compared[0] / "seed0" / name)
     rows = json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]
     assert all(r["knn_top1"]["n"] == 1 and r["knn_top1"]["sd"] is None for r in rows)
+
+
+def test_a_multi_rank_launch_is_refused_with_the_way_to_run_it(tmp_path, capsys, monkeypatch):
+    """A second process group in one process hangs at its rendezvous: each rank would wait."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, f"out_dir={tmp_path}"])
+    assert e.value.code == 2 and "--print-commands" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
