@@ -226,6 +226,8 @@ class Config:
     name: str = opt("", "run name; \"\" = the config file's stem")
     run_dir: str = opt("", "an explicit run directory, used as given (the SLURM launcher sets it)")
     resume: str = opt("", "\"\" (fresh), auto (the latest run of this name, or run_dir), or a checkpoint path")
+    init_from: str = opt("", "a new run from a run, checkpoint or weights file: its weights (and a run's bank and "
+                         "round), this run's own config; resume=auto continues the branch itself once it has a checkpoint")
 
 
 # ----- validation (runs before any work starts)
@@ -257,6 +259,12 @@ def validate(cfg: Config, check_data: bool = True) -> None:
                           "to stream larger images")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"config key 'name' must be a plain folder name; got {cfg.name!r}")
+    if cfg.init_from and cfg.resume not in ("", "auto"):
+        raise ConfigError("init_from starts a new run, resume with a checkpoint path continues an old one: give one "
+                          "(resume=auto continues an init_from run once it has a checkpoint of its own)")
+    if cfg.init_from and not Path(cfg.init_from).expanduser().exists():
+        raise ConfigError(f"init_from '{cfg.init_from}' does not exist (a run directory, a checkpoint directory "
+                          "or a weights file)")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).expanduser().exists():
         raise ConfigError(f"resume checkpoint '{cfg.resume}' does not exist "
                           "(use resume=auto for this run's latest checkpoint)")
@@ -297,6 +305,8 @@ def load_config(config: str, overrides: list[str], base: Config | None = None, c
     cfg.out_dir = os.path.expanduser(cfg.out_dir)
     if cfg.data.root:  # relative to the launch directory; stored absolute so the run is portable
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    if cfg.init_from:    # as data.root: relative to the launch directory, stored absolute
+        cfg.init_from = os.path.abspath(os.path.expanduser(cfg.init_from))
     for key in ("classes", "val_labels", "val_ids"):   # absolute too (a shipped list: its path in configs/)
         setattr(cfg.data, key, find_file(getattr(cfg.data, key)))
     validate(cfg, check_data)

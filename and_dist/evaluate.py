@@ -28,6 +28,7 @@ import torch
 from .run import checkpoint, rundir
 from .platform import dist, files
 from .config import Config, save_config
+from .eval.pretrained import resolve      # what --checkpoint PATH names (export.py takes it from here)
 from .run.entry import Session, main_decides, main_rank, user_error_exit
 from .platform.errors import UserError
 from .platform.log import RunLog, fmt
@@ -37,31 +38,6 @@ KINDS = ("knn", "probe", "all")
 
 
 # ------------------------------------------------------------------------- what to evaluate
-
-def resolve(text: str) -> tuple[Path | None, Path | None, str]:
-    """(checkpoint directory, weights file, what was chosen) for --checkpoint PATH."""
-    path = Path(text).expanduser().absolute()
-    if path.is_file():
-        if path.name == checkpoint.LATEST:
-            path = path.parent / path.read_text().strip()
-        else:
-            return None, path, f"weights file {path}"
-    if not path.exists():
-        raise UserError(f"--checkpoint {path} does not exist")
-    try:
-        ckpt = checkpoint.resolve(path)
-        return ckpt, None, f"checkpoint {ckpt}"
-    except FileNotFoundError:
-        pass
-    runs = rundir.runs_of(path)
-    for run in reversed(runs):           # the newest run, as resume=auto picks it
-        latest = checkpoint.find_latest(run / "checkpoints")
-        if latest is not None:
-            return latest, None, f"run name {path}: its newest run {run.name} ({len(runs)} in all), checkpoint {latest}"
-        break
-    raise UserError(f"--checkpoint {path}: no checkpoint there (expected a run directory, a checkpoint "
-                    "directory, a run-name directory holding runs, or a weights file)")
-
 
 def run_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt

@@ -19,13 +19,14 @@ from .run import checkpoint, rundir
 from .platform import dist, precision
 from .config import Config, config_or_exit, save_config, to_dict
 from .data import build_data
-from .run.entry import Session, main_decides
-from .platform.errors import UserError
+from .run.entry import Session, main_decides, main_rank
+from .platform.errors import EXIT_USER_ERROR, UserError
 from .platform.log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
 from .models import build_model, convert_global_bn
 from .eval.prober import check_layers, run_probes
+from .training import init_from
 from .training.report import Report
 from .training.state import RNG, Progress, RunConfig
 from .run.stop import Stop, exits_on_stop
@@ -44,8 +45,10 @@ def _choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
 
 
 def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer:
-    """Wire the components of a run and restore them from `ckpt` if given."""
+    """Wire the components of a run and restore them from `ckpt` if given, else from init_from if
+    set. A fresh run's config.yaml (what makes it a run) is written once the source fits."""
     t = cfg.train
+    source = init_from.read(cfg) if cfg.init_from and ckpt is None else None
     if t.threads:
         torch.set_num_threads(t.threads)
     cuda = env.device.type == "cuda"
@@ -57,8 +60,6 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     elif cuda:
         torch.backends.cudnn.benchmark = True      # fixed shapes: autotuned conv algorithms pay
     torch.manual_seed(t.seed)
-    if env.is_main:
-        save_config(cfg, run / "config.yaml")
     log = RunLog.for_config(run, env.is_main, cfg)
     data = build_data(cfg, env, None, log.info, log.tty)
     if data.steps(0, 0) == 0:
@@ -80,12 +81,16 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
                        seed=t.seed, device=env.device, dtype=dtype)
     curriculum = Curriculum(cfg.curriculum.anchor_rate, cfg.curriculum.method)
     progress = Progress()
+    if source is not None:
+        init_from.apply(source, model, bank, progress)
+    if env.is_main:
+        save_config(cfg, run / "config.yaml")
     owners = {"config": RunConfig(to_dict(cfg)), "model": model, "optimizer": opt, "bank": bank,
               "curriculum": curriculum, "progress": progress, "rng": RNG(), "log": log}
     if ckpt is not None:
         checkpoint.load(ckpt, {k: v for k, v in owners.items() if k != "log"})
         log.load_state_dict(_log_state(cfg, run, ckpt, progress))
-    _banner(log, cfg, env, run, data, ckpt, progress)
+    _banner(log, cfg, env, run, data, ckpt, progress, source)
     log.start_wandb()
     report = Report(run, log, env.is_main)
     return Trainer(RunParts(cfg, env, run, data, model, forward, opt, bank, curriculum, progress, log, report,
@@ -104,12 +109,13 @@ def _log_state(cfg, run: Path, ckpt: Path, p: Progress) -> dict:
     return state
 
 
-def _banner(log, cfg, env, run, data, ckpt, p) -> None:
+def _banner(log, cfg, env, run, data, ckpt, p, source) -> None:
     skipped = len(data.train.skipped) + len(data.test.skipped)
     if env.is_main and skipped:
         lines = [f"{path}\t{reason}" for path, reason in data.train.skipped + data.test.skipped]
         (run / "skipped.txt").write_text("\n".join(lines) + "\n", errors="surrogateescape")
-    where = f"resuming {ckpt} at round {p.round} epoch {p.epoch} step {p.step}" if ckpt else "fresh run"
+    where = f"resuming {ckpt} at round {p.round} epoch {p.epoch} step {p.step}" if ckpt else (
+        f"fresh run from {source.what}" if source else "fresh run")
     log.info(f"run directory {run}\n"
              f"  config {cfg.name}; {where}\n"
              f"  device {env.device}, {env.world} rank{'s' if env.world > 1 else ''}, {cfg.train.dtype}\n"
@@ -120,10 +126,12 @@ def _banner(log, cfg, env, run, data, ckpt, p) -> None:
 @exits_on_stop("continue with resume=auto")
 def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
+    fresh = []
 
     def body(session: Session) -> int:
         env = session.env
         run, ckpt = main_decides(env, lambda: _choose_run_dir(cfg))
+        fresh.extend([run] if ckpt is None and not cfg.run_dir else [])
         session.lock(run)
         with Stop() as stop:
             trainer = build(cfg, env, run, ckpt, stop)
@@ -139,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         del trainer  # DDP must go before its process group, or gloo aborts at exit
         return status
 
-    return Session(cfg.train).run(body)
+    status = Session(cfg.train).run(body)
+    if status == EXIT_USER_ERROR and fresh and main_rank():
+        try:                  # refused before it wrote anything (e.g. init_from): no empty run left
+            fresh[0].rmdir()
+        except OSError:
+            pass
+    return status
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from and_dist.config import replace_block
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- layout: python tools/layout.py --write docs/design.md -->", "<!-- end of layout -->"
-ENTRY_POINTS = ("train", "evaluate", "probe", "export", "prepare", "config")
+ENTRY_POINTS = ("train", "compare", "evaluate", "probe", "export", "prepare", "config")
 WIDTH = 86          # the description column
 
 

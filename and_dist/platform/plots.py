@@ -253,7 +253,8 @@ def probe_chart(path: Path, top1_by_layer: dict[str, float], knn: float | None, 
 
 
 def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path | None:
-    """kNN top-1 per round of several runs, one line each, for comparing configurations; beside it,
+    """kNN top-1 per round of several runs, one line each, for comparing configurations (with a band
+    one sd either side where the rows carry `knn_top1_sd`: a mean over seeds); beside it,
     when the runs measured it, neighbourhood consistency: the anchors' (solid) and all samples'
     (dotted, from the diagnostic), with chance level."""
     has = lambda key: any(r.get(key) is not None for rows in series.values() for r in rows)
@@ -266,6 +267,10 @@ def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path | None:
         x = [r["round"] for r in rows]
         style = dict(marker="os^Dv"[n % 5], markersize=9 - 2.5 * (n % 3), color=f"C{n % 10}")
         ax.plot(x, _values(rows, "knn_top1"), linestyle=("-", "--", ":", "-.")[n % 4], label=label, **style)
+        sd = _values(rows, "knn_top1_sd")
+        if np.isfinite(sd).any():
+            mean = _values(rows, "knn_top1")
+            ax.fill_between(x, mean - sd, mean + sd, color=style["color"], alpha=0.15, linewidth=0)
         if cons is not None:
             if np.isfinite(_values(rows, "consistency")).any():
                 cons.plot(x, _values(rows, "consistency", 100.0), linestyle="-", label=f"{label}: anchors", **style)
