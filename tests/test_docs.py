@@ -775,7 +775,7 @@ python -m and_dist.train --config no_such_config
 python -m and_dist.train --config cub200_resnet18                   # no data.root
 python -m and_dist.train --confg demo
 python -m and_dist.evaluate knnn --checkpoint RUN
-python -m and_dist.evaluate knn --checkpoint RUN eval.knn_k=0 && python -m and_dist.compare RUN
+python -m and_dist.evaluate knn --checkpoint RUN eval.knn_k=0 && python -m and_dist.comparee RUN
 python -m and_dist.probe --checkpoint RUN probe.layerz=[conv1]
 torchrun --nproc_per_node=2 --no-such-flag -m and_dist.train
 torchrun --nproc_per_node=2 -m and_dist.train --config demo curriculum.rounds=N model.arch=vgg
@@ -801,7 +801,7 @@ EXPECTED = [
     "unrecognized arguments: --confg",
     "invalid choice: 'knnn'",
     "config key 'eval.knn_k' must be >= 1",
-    "no module and_dist.compare",
+    "no module and_dist.comparee",
     "unknown config key 'probe.layerz'",
     "torchrun: ",
     "config key 'model.arch' must be one of",
