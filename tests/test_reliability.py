@@ -271,3 +271,30 @@ def test_wandb_steps_keep_growing_across_resumes_from_one_checkpoint(tmp_path):
     assert [l["step"] for l in lines] == list(range(1, 8))                   # the file: as if never stopped
     assert [l["wandb_step"] for l in lines] == [1, 2, 3, 12, 13, 14, 15]     # wandb saw 1..7, then 9, 10
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 3
+
+
+# ------------------------------------------------------------------------ a stop outside a loop
+
+def test_a_stop_hidden_by_a_failing_cleanup_is_still_a_stop(tmp_path, capsys):
+    """A real SIGTERM during a durable write whose library cleanup then fails (as torch.save's zip
+    writer does when its file is cut short): the temporary file is removed and the entry point
+    still exits 128 + 15 with its one line, not 1 with the cleanup's error."""
+    from and_dist.platform import files
+    from and_dist.run.stop import exits_on_stop
+
+    def fill(f):
+        try:
+            f.write(b"half of it")
+            os.kill(os.getpid(), signal.SIGTERM)        # handled at the next bytecode: Stopped
+            f.write(b"the rest")
+        finally:
+            raise RuntimeError("unexpected pos 10 vs 18")  # the library's cleanup, failing
+
+    @exits_on_stop("run it again")
+    def main() -> int:
+        files._publish(tmp_path / "out.bin", fill)
+        return 0
+
+    assert main() == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM: nothing half-written is left; run it again" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..platform import dist
 from . import rundir
+from .stop import masked_stop
 from ..platform.errors import EXIT_USER_ERROR, UserError, exit_status
 
 
@@ -55,6 +56,8 @@ class Session:
         try:
             return body(self)
         except Exception as e:  # noqa: BLE001 - see errors.exit_status
+            if (stopped := masked_stop(e)) is not None:
+                raise stopped from None            # a stop that a failing cleanup hid
             return exit_status(e, self.env, self.locked[0] if self.locked else None)
         finally:
             if self.env.is_main:

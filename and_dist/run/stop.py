@@ -51,6 +51,19 @@ def raising():
             signal.signal(s, handler)
 
 
+def masked_stop(e: BaseException) -> Stopped | None:
+    """The Stopped that `e` was raised while handling, if any: a library's own cleanup can fail
+    when a stop interrupts it (torch.save's zip writer closing a half-written file), and that
+    error must not turn the stop into a crash."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Stopped):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def exits_on_stop(again: str):
     """For an entry point's main: a stop signal anywhere outside a training loop ends it with one
     line and exit status 128 + N, after the cleanups on the way out; `again` tells what to run."""
@@ -60,6 +73,12 @@ def exits_on_stop(again: str):
             try:
                 with raising():
                     return main(*args, **kwargs)
+            except Exception as e:
+                stopped = masked_stop(e)
+                if stopped is None:
+                    raise
+                print(f"{stopped}: nothing half-written is left; {again}", file=sys.stderr)
+                return stopped.exit_status
             except Stopped as e:
                 print(f"{e}: nothing half-written is left; {again}", file=sys.stderr)
                 return e.exit_status
