@@ -59,8 +59,6 @@ def export(source: str, out: Path) -> dict:
     name, missing, how = TORCHVISION[arch]
     if out.suffix != ".pth":
         raise UserError(f"{out}: the output is a .pth file (its JSON goes beside it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    files.torch_save(torchvision_state(model), out)
     try:
         summary = json.loads((run_of(ckpt) / "summary.json").read_text())
     except (OSError, ValueError):
@@ -75,10 +73,13 @@ def export(source: str, out: Path) -> dict:
                 "k": cfg.eval.knn_k, "sigma": cfg.eval.knn_sigma, "features": f"the run's {cfg.model.low_dim}-d embedding"},
         "checkpoint": str(ckpt),
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        files.torch_save(torchvision_state(model), out)
         files.write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
-    except BaseException:                 # stopped between the two files: neither is left
+    except BaseException:                 # stopped during or between the two writes: neither is left
         out.unlink(missing_ok=True)
+        out.with_suffix(".json").unlink(missing_ok=True)
         raise
     return info
 
