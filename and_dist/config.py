@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .platform import files
-from .data import LOADERS, MAX_CACHED_SIZE, SOURCES, check_root
+from .data import LOADERS, MAX_CACHED_SIZE, SOURCES, check_pack_options, check_root
 from .data.layout import check_layout_keys, find_file
 from .platform.errors import UserError
 from .method.attention import KERNELS as BANK_KERNELS
@@ -42,8 +42,8 @@ AUTO_OR_POSITIVE = ("must be 'auto' or a positive integer", lambda v: v == "auto
 @dataclass
 class DataConfig:
     """Where images come from and how they are augmented."""
-    source: str = opt("demo", "where images come from: the embedded demo set, an ImageFolder tree, or official "
-                      "CIFAR/SVHN files", choices=SOURCES)
+    source: str = opt("demo", "where images come from: the embedded demo set, an ImageFolder tree, a pack of it "
+                      "(prepare --pack), or official CIFAR/SVHN files", choices=SOURCES)
     loader: str = opt("cached", "cached: decoded once into memory (up to 96 px); dali, torch: streamed from files "
                       "(NVIDIA DALI or PIL workers)", choices=LOADERS)
     root: str = opt("", "the data set's folder (stored absolute); unused by the demo source")
@@ -243,9 +243,13 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         except UserError as e:
             raise ConfigError(str(e)) from None
     d = cfg.data
-    if d.loader != "cached" and d.source != "imagefolder":
-        raise ConfigError(f"data.loader={d.loader} streams an ImageFolder tree (data.source=imagefolder); "
-                          f"data.source={d.source} is read into memory: use data.loader=cached")
+    try:
+        check_pack_options(d)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if d.loader != "cached" and d.source not in ("imagefolder", "pack"):
+        raise ConfigError(f"data.loader={d.loader} streams an ImageFolder tree or a pack (data.source=imagefolder "
+                          f"or pack); data.source={d.source} is read into memory: use data.loader=cached")
     try:
         c = cfg.discovery
         check_choice(c.kernel, c.precision, c.backend, "cpu" if cfg.train.device == "cpu" else "")

@@ -14,26 +14,27 @@ Resumable: each file is written to a hidden `.NAME.part` beside it and renamed i
 written (exit 128 + N); a file is done when its copy exists with the source's mtime (set on the
 copy), so a rerun skips it and redoes a source changed since.
 Unreadable images are left out with training's report line (`skipping unreadable image ...`).
+
+`--pack` writes the split into a few large tar shards with an index instead (data/pack.py), for
+cluster file systems where opening 1.28M files is the cost: the same images (resized too with
+--shorter-side), read by `data.source=pack data.root=DST`.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import signal
 import sys
 from contextlib import contextmanager, suppress
 from multiprocessing import Pool
 
-from PIL import Image
 from tqdm import tqdm
 
-from .data.folder import TreeWalk, _is_image, to_rgb
+from .data.folder import TreeWalk, _is_image
+from .data.layout import check_layout_keys
+from .data.reencode import for_copy
 from .platform.errors import EXIT_USER_ERROR, UserError
-from .run.stop import SIGNALS, exits_on_stop
-
-KEEP_FORMATS = ("JPEG", "PNG")      # small images in these formats are copied byte for byte
-
+from .run.stop import exits_on_stop, finish_pool, quiet_worker
 
 def _done(src: str, dst: str) -> bool:
     try:
@@ -71,40 +72,19 @@ def copy_file(src: str, dst: str) -> None:
         _finish(src, tmp, dst)
 
 
-def _worker_start() -> None:
-    """A stop signal ends a worker quietly (SystemExit), after its `_writing` cleanup."""
-    for s in SIGNALS:
-        signal.signal(s, lambda signum, frame: sys.exit(128 + signum))
-
-
 def resize_image(job: tuple[str, str, int, int]) -> tuple[str, str, str | None]:
     """(src, what was done: kept / copied / resized / skipped, reason if skipped)."""
     src, dst, side, quality = job
     if _done(src, dst):
         return src, "kept", None
-    tmp = _tmp(dst)
     try:
-        with Image.open(src) as img:
-            width, height = img.size
-            fmt = img.format
-            scale = side / min(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            if scale < 1:
-                img.draft("RGB", size)                          # JPEG: decode at the DCT scale just above
-            img.load()                                          # truncated files fail here, as in index.py
-            if width < 1 or height < 1:
-                raise ValueError("empty image")
-            if scale >= 1 and fmt in KEEP_FORMATS:
-                out = None
-            else:
-                out = to_rgb(img)
-                if scale < 1:
-                    out = out.resize(size, Image.BICUBIC)
+        out, _, _ = for_copy(src, side)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported and left out, never fatal
         return src, "skipped", f"{type(e).__name__}: {e}"
     if out is None:
         copy_file(src, dst)
         return src, "copied", None
+    tmp = _tmp(dst)
     with _writing(tmp):
         with open(tmp, "wb") as f:
             out.save(f, "JPEG", quality=quality)
@@ -145,14 +125,23 @@ def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, 
             counts["other files"] += 1
     jobs = [(a, b, side, quality) for a, b in images]
     workers = workers or os.cpu_count()
-    with Pool(workers, initializer=_worker_start) as pool:
+    with Pool(workers, initializer=quiet_worker) as pool:
         results = pool.imap_unordered(resize_image, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
         for path, what, reason in tqdm(results, total=len(jobs), unit="img", desc=f"resize to {side} px",
                                        disable=not progress):
             counts[what] += 1
             if reason:
                 log(f"skipping unreadable image {path}: {reason}")
+        finish_pool(pool)
     return counts
+
+
+def _size(text: str) -> int:
+    """Bytes from `1G`, `256M`, `64K` or a plain number."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 @exits_on_stop("run the same command again to continue")
@@ -160,20 +149,46 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m and_dist.prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="ImageFolder tree to copy")
-    ap.add_argument("dst", help="where the resized copy goes (resumes a copy left unfinished there)")
-    ap.add_argument("--shorter-side", type=int, required=True, metavar="N",
+    ap.add_argument("dst", help="where the copy or the pack goes (resumes one left unfinished there)")
+    ap.add_argument("--shorter-side", type=int, default=0, metavar="N",
                     help="shorter side of the copies in px; at least image_size x 256/224 (256 for 224-px crops)")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
     ap.add_argument("--workers", type=int, default=0, help="processes; 0 = one per CPU")
     ap.add_argument("--labels", nargs="*", default=[], metavar="FILE",
-                    help="label files outside SRC (data.val_labels, meta.mat) to copy into DST")
+                    help="tree copy: label files outside SRC (data.val_labels, meta.mat) to copy into DST")
+    pack = ap.add_argument_group("packs (docs/data.md): each split in a few tar shards with an index")
+    pack.add_argument("--pack", action="store_true", help="write a pack instead of a tree copy")
+    pack.add_argument("--shard-size", default="1G", metavar="SIZE", help="bytes per shard, e.g. 1G, 256M")
+    pack.add_argument("--classes", default="", metavar="FILE", help="pack only these classes (as data.classes)")
+    pack.add_argument("--val-labels", default="", metavar="FILE", help="labels of a flat val/ (as data.val_labels)")
+    pack.add_argument("--val-ids", default="", metavar="FILE", help="the devkit's meta.mat (as data.val_ids)")
     args = ap.parse_args(argv)
-    if args.shorter_side < 1 or not 1 <= args.quality <= 100 or args.workers < 0:
-        print("error: --shorter-side must be >= 1, --quality 1..100, --workers >= 0", file=sys.stderr)
+    try:
+        shard_bytes = _size(args.shard_size)
+    except ValueError:
+        shard_bytes = 0
+    problems = [m for bad, m in (
+        (args.shorter_side < 0 or (not args.pack and args.shorter_side < 1),
+         "--shorter-side N >= 1 is needed for a tree copy (a pack keeps the images as they are without it)"),
+        (not 1 <= args.quality <= 100, "--quality must be 1..100"), (args.workers < 0, "--workers must be >= 0"),
+        (shard_bytes < 1, f"--shard-size {args.shard_size!r} is not a size such as 1G or 256M"),
+        (args.pack and args.labels, "--labels copies files into a tree copy; a pack takes --val-labels"),
+        (not args.pack and (args.classes or args.val_labels or args.val_ids),
+         "--classes, --val-labels and --val-ids are for --pack")) if bad]
+    if problems:
+        print(f"error: {problems[0]}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        counts = prepare(args.src, args.dst, args.shorter_side, args.quality, args.workers, tuple(args.labels),
-                         progress=sys.stderr.isatty())
+        if args.pack:
+            from .data.pack_write import write_pack
+            options = argparse.Namespace(classes=args.classes, val_labels=args.val_labels, val_ids=args.val_ids,
+                                         source="imagefolder")
+            check_layout_keys(options)
+            counts = write_pack(args.src, args.dst, args.shorter_side or None, args.quality, args.workers,
+                                shard_bytes, options, progress=sys.stderr.isatty())
+        else:
+            counts = prepare(args.src, args.dst, args.shorter_side, args.quality, args.workers, tuple(args.labels),
+                             progress=sys.stderr.isatty())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

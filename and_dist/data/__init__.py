@@ -7,21 +7,25 @@ from pathlib import Path
 
 from ..platform.errors import UserError
 from .base import Batch, SplitInfo, TrainData
-from .cached import CachedData, ImageSet, load_imagefolder
+from .cached import CachedData, ImageSet, load_imagefolder, load_pack_split
 from .layout import resolve
 from .official import REQUIRED as OFFICIAL_FILES, load_official
+from .pack import is_pack
 
-SOURCES = ("demo", "imagefolder", "cifar10", "cifar100", "svhn")
+SOURCES = ("demo", "imagefolder", "pack", "cifar10", "cifar100", "svhn")
 LOADERS = ("cached", "dali", "torch")   # cached: decoded in memory; dali, torch: streamed from files
 MAX_CACHED_SIZE = 96  # beyond this a decoded uint8 copy of a large data set no longer fits in memory
 
-__all__ = ["SOURCES", "LOADERS", "Batch", "SplitInfo", "TrainData", "ImageSet", "build_data", "load_datasets", "check_root"]
+__all__ = ["SOURCES", "LOADERS", "Batch", "SplitInfo", "TrainData", "ImageSet", "build_data", "load_datasets", "check_root",
+           "check_pack_options"]
 
 
 def check_root(source: str, root: str, download: bool) -> None:
     """Fail before any work if `root` cannot hold `source` (UserError, one line)."""
     if source == "demo":
         return
+    if source == "pack" or is_pack(root):
+        return check_pack_root(source, root)
     needed, what = OFFICIAL_FILES.get(source, (["train/"], "an ImageFolder tree"))
     can_download = source in OFFICIAL_FILES
     hint = " (or data.download=true)" if can_download else ""
@@ -48,6 +52,32 @@ def check_root(source: str, root: str, download: bool) -> None:
                         f"(expected {what} for data.source={source}{more})")
 
 
+def check_pack_root(source: str, root: str) -> None:
+    """data.source=pack needs a finished pack at root; a pack given as another source is named."""
+    if source != "pack":
+        raise UserError(f"data.root '{root}' holds a pack (pack.json): set data.source=pack")
+    if not root:
+        raise UserError("data.root is empty; data.source=pack needs the folder that "
+                        "python -m and_dist.prepare SRC DST --pack wrote")
+    if not is_pack(root):
+        unfinished = os.path.isdir(os.path.join(root, ".work"))
+        raise UserError(f"data.root '{root}' " + ("is a pack left unfinished: run its prepare command again"
+                        if unfinished else "has no pack.json; make a pack with python -m and_dist.prepare "
+                        "SRC DST --pack"))
+
+
+def check_pack_options(d) -> None:
+    """What a pack cannot serve: its labels and classes were fixed when it was made."""
+    if d.source != "pack":
+        return
+    fixed = [f"data.{k}" for k in ("classes", "val_labels", "val_ids") if getattr(d, k)]
+    if fixed:
+        raise UserError(f"{', '.join(fixed)}: a pack's classes and labels are fixed when it is made; pass them to "
+                        "prepare --pack (--classes, --val-labels, --val-ids) and leave them empty here")
+    if d.download:
+        raise UserError("data.download=true is for data.source=cifar10/cifar100/svhn; a pack is made by prepare --pack")
+
+
 def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None, download: bool = False,
                   workers: int = 2, demo_train: int = 5000, demo_test: int = 1000, demo_seed: int = 0,
                   log=print, progress: bool = True, data_config=None) -> tuple[ImageSet, ImageSet]:
@@ -58,6 +88,10 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
     if source == "demo":
         from .demo import make_demo
         return make_demo(demo_train, demo_test, demo_seed, image_size)
+    if source == "pack":
+        from .pack import open_pack
+        return tuple(load_pack_split(s, image_size, cache_dir, workers, log, progress)
+                     for s in open_pack(root, cache_dir, workers, log))
     if source == "imagefolder":
         layout = resolve(root, data_config)
         sets = tuple(load_imagefolder(root, split, layout.classes, image_size, cache_dir, workers, log, progress,
@@ -75,8 +109,8 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
 
 def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = True,
                   verify: bool = True) -> TrainData:
-    """The streaming data interface (data.loader dali or torch) over an ImageFolder tree: the
-    checked file lists of train and test (index.py, cached), decoded per step. `verify`: stat
+    """The streaming data interface (data.loader dali or torch) over an ImageFolder tree (the
+    checked file lists of train and test, index.py, cached) or a pack, decoded per step. `verify`: stat
     every file against the cached list (rank 0 does; the others read what it just checked)."""
     d = cfg.data
     if d.loader == "dali":
@@ -87,6 +121,10 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
         from .dali import DaliData as Loader
     else:
         from .pil_stream import TorchData as Loader
+    if d.source == "pack":
+        from .pack import open_pack
+        train, test = open_pack(d.root, cache_dir, d.workers, log, verify)
+        return Loader(train, test, cfg, env)
     from .index import load_index
     layout = resolve(d.root, d)
     train, test = (load_index(d.root, split, layout.classes, cache_dir, d.workers, log, progress, verify,

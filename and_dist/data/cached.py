@@ -53,8 +53,8 @@ def _cache_key(root: str, split: str, image_size: int, paths: list[str], labels:
     return h.hexdigest()[:20]
 
 
-def _decode(path: str, size: int) -> np.ndarray:
-    with Image.open(path) as img:
+def _decode(source, size: int) -> np.ndarray:
+    with Image.open(source) as img:
         img.load()                              # force full decode so truncated files fail here
         x = torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8))
     x = resize_center_crop(x.permute(2, 0, 1)[None].float(), size)[0]
@@ -86,18 +86,50 @@ def load_imagefolder(root: str, split: str, classes: list[str], image_size: int,
                 return cached
 
     log(f"decoding {len(paths)} images of {split} into memory at {image_size} px (cached for later runs)")
-    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    images, errors = _decode_all(lambda i: paths[i], len(paths), image_size, workers, f"decode {split}", progress)
+    return _keep_readable(images, errors, labels, paths, classes, cache_path, log)
+
+
+def load_pack_split(split, image_size: int, cache_dir: str | None, workers: int, log,
+                    progress: bool = True) -> ImageSet:
+    """A split of a pack (pack.PackSplit) decoded into memory; cached under the shards' checksums."""
+    cache_path = None
+    if cache_dir:
+        h = hashlib.sha256(f"{split.split}|{image_size}|{len(split)}".encode())
+        for shard in split.shards:
+            h.update(shard["sha256"].encode())
+        cache_path = os.path.join(cache_dir, f"pack-{split.split}-{image_size}-{h.hexdigest()[:20]}.pt")
+        if os.path.exists(cache_path):
+            cached = _read_cache(cache_path, split.classes, log)
+            if cached is not None:
+                return ImageSet(cached.images, cached.labels, cached.classes, list(split.skipped) + cached.skipped)
+    log(f"decoding {len(split)} images of the pack's {split.split} into memory at {image_size} px "
+        "(cached for later runs)")
+    images, errors = _decode_all(split.source, len(split), image_size, workers, f"decode {split.split}", progress)
+    names = [split.path(i) for i in range(len(split))]
+    out = _keep_readable(images, errors, split.labels, names, split.classes, cache_path, log)
+    return ImageSet(out.images, out.labels, out.classes, list(split.skipped) + out.skipped)
+
+
+def _decode_all(source_of, n: int, image_size: int, workers: int, desc: str, progress: bool):
+    """uint8 (n, S, S, 3) of sample i = `source_of(i)` (a path or bytes), and each one's error or None."""
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
 
     def work(i: int) -> str | None:
         try:
-            images[i] = _decode(paths[i], image_size)
+            images[i] = _decode(source_of(i), image_size)
             return None
         except Exception as e:                  # any unreadable file is skipped, never fatal
             return f"{type(e).__name__}: {e}"
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        errors = list(tqdm(pool.map(work, range(len(paths))), total=len(paths),
-                           desc=f"decode {split}", unit="img", leave=False, disable=not progress))
+        errors = list(tqdm(pool.map(work, range(n)), total=n, desc=desc, unit="img", leave=False,
+                           disable=not progress))
+    return images, errors
+
+
+def _keep_readable(images: np.ndarray, errors: list, labels, paths: list[str], classes: list[str],
+                   cache_path: str | None, log) -> ImageSet:
     skipped = [(paths[i], err) for i, err in enumerate(errors) if err is not None]
     for path, reason in skipped:
         log(f"skipping unreadable image {path}: {reason}")
@@ -105,7 +137,7 @@ def load_imagefolder(root: str, split: str, classes: list[str], image_size: int,
     images = np.ascontiguousarray(images[keep]) if not keep.all() else images
     label_arr = np.asarray(labels, dtype=np.int64)[keep]
     if cache_path:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         files.torch_save({"images": torch.from_numpy(images), "labels": torch.from_numpy(label_arr),
                           "skipped": [list(s) for s in skipped]}, cache_path)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(label_arr), list(classes), skipped)

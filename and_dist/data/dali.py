@@ -31,11 +31,11 @@ DALI_FORMATS = ("JPEG", "PNG")   # fed as they are; anything else is transcoded 
 
 
 def encoded(index: FileIndex, i: int) -> np.ndarray:
-    """The bytes of sample i as DALI's decoder gets them."""
+    """The bytes of sample i as DALI's decoder gets them (index: a file index or a pack split)."""
     if index.format_of(i) in DALI_FORMATS:
-        return np.fromfile(index.path(i), dtype=np.uint8)
+        return np.frombuffer(index.read(i), dtype=np.uint8)
     buf = io.BytesIO()
-    with Image.open(index.path(i)) as img:
+    with Image.open(index.source(i)) as img:
         to_rgb(img).save(buf, "PNG")
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 

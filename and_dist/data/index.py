@@ -50,6 +50,14 @@ class FileIndex:
     def path(self, i: int) -> str:
         return os.path.join(self.split_dir, self.names[i])
 
+    def source(self, i: int) -> str:
+        """What PIL opens for sample i (a pack gives its bytes: pack.PackSplit)."""
+        return self.path(i)
+
+    def read(self, i: int) -> bytes:
+        with open(self.path(i), "rb") as f:
+            return f.read()
+
     def format_of(self, i: int) -> str:
         return self.formats[self.format_id[i]]
 

@@ -21,7 +21,7 @@ from .index import FileIndex
 from .stream import StepPlan, StreamData
 
 
-def decode_for_crop(path: str, box: tuple[int, int, int, int], size: int):
+def decode_for_crop(path, box: tuple[int, int, int, int], size: int):
     """The stored image decoded at the smallest DCT scale that leaves the crop >= size px, and the
     crop box (left, top, right, bottom) in its pixels."""
     top, left, h, w = box
@@ -37,12 +37,12 @@ def resize_crop(img: Image.Image, scaled: tuple, size: int) -> np.ndarray:
     return np.array(img.resize((size, size), Image.BILINEAR, box=scaled), dtype=np.uint8)
 
 
-def load_crop(path: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+def load_crop(path, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """Pixels (top, left, height, width) of the stored image, resized to size x size, RGB uint8."""
     return resize_crop(*decode_for_crop(path, box, size), size)
 
 
-def load_centre(path: str, resize: int, size: int) -> np.ndarray:
+def load_centre(path, resize: int, size: int) -> np.ndarray:
     """The test transform: shorter side resized to `resize`, centre crop size x size, RGB uint8."""
     with Image.open(path) as img:
         width, height = img.size
@@ -55,14 +55,16 @@ def load_centre(path: str, resize: int, size: int) -> np.ndarray:
 
 
 class _Files(Dataset):
-    """Keys are (path, top, left, height, width) for a training crop, (path,) for evaluation."""
+    """Keys are (split, i, top, left, height, width) for a training crop, (split, i) for evaluation;
+    a split's index (file index or pack) says what PIL opens for sample i."""
 
-    def __init__(self, size: int, resize: int):
-        self.size, self.resize = size, resize
+    def __init__(self, index: dict, size: int, resize: int):
+        self.index, self.size, self.resize = index, size, resize
 
     def __getitem__(self, key) -> torch.Tensor:
-        path, *box = key
-        x = load_crop(path, box, self.size) if box else load_centre(path, self.resize, self.size)
+        split, i, *box = key
+        source = self.index[split].source(i)
+        x = load_crop(source, box, self.size) if box else load_centre(source, self.resize, self.size)
         return torch.from_numpy(np.ascontiguousarray(x))
 
 
@@ -70,19 +72,20 @@ class TorchData(StreamData):
     """Streaming data interface whose decoding runs in DataLoader worker processes."""
 
     def _loader(self, keys: Iterator[list]) -> DataLoader:
-        return DataLoader(_Files(self.size, self.resize), batch_sampler=keys, num_workers=self.workers,
+        return DataLoader(_Files(self.index, self.size, self.resize), batch_sampler=keys, num_workers=self.workers,
                           pin_memory=self.env.device.type == "cuda")
 
     def _decode_train(self, plans: Iterator[StepPlan]) -> Iterator[tuple[StepPlan, torch.Tensor]]:
-        index, pending = self.index["train"], deque()      # plans handed to the decoder, in order
+        pending = deque()      # plans handed to the decoder, in order
 
         def keys():          # consumed ahead by the DataLoader, in step order
             for plan in plans:
                 pending.append(plan)
-                yield [(index.path(i), *box) for i, box in zip(plan.mine.tolist(), plan.boxes.tolist())]
+                yield [("train", i, *box) for i, box in zip(plan.mine.tolist(), plan.boxes.tolist())]
 
         for images in self._loader(keys()):
             yield pending.popleft(), images
 
     def _decode_eval(self, index: FileIndex, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
-        yield from self._loader([[(index.path(i),) for i in chunk] for chunk in chunks if chunk])
+        split = next(k for k, v in self.index.items() if v is index)
+        yield from self._loader([[(split, i) for i in chunk] for chunk in chunks if chunk])

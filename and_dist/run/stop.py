@@ -51,6 +51,20 @@ def raising():
             signal.signal(s, handler)
 
 
+def quiet_worker() -> None:
+    """A pool worker's initializer: a stop signal ends it quietly (SystemExit) after its cleanups;
+    the parent reports the stop."""
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, frame: sys.exit(128 + signum))
+
+
+def finish_pool(pool) -> None:
+    """End a pool whose work is done: its workers leave on their own. Not `terminate()` (what a
+    `with Pool` block does on the way out), whose SIGTERM meets each worker's stop handler mid-wait."""
+    pool.close()
+    pool.join()
+
+
 def masked_stop(e: BaseException) -> Stopped | None:
     """The Stopped that `e` was raised while handling, if any: a library's own cleanup can fail
     when a stop interrupts it (torch.save's zip writer closing a half-written file), and that
