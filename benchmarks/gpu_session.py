@@ -6,9 +6,9 @@ nothing downloaded), so every part runs from this working tree, generates its ow
 reads CIFAR-10 carried in), and is time-boxed: a part (or an item of one) that no longer fits the
 budget is skipped with a line saying so. In order of value:
 
-  a  correctness: tests/test_gpu.py and the CUDA tests of tests/test_attention.py (when pytest is
-     there), and the AND step's loss and gradient with the attention kernel and the discovery
-     kernels against the exact path, bank in fp32 and bf16; a check fails on any NaN.
+  a  correctness: the CUDA tests of tests/test_attention.py (with 2 GPUs tests/test_gpu.py too)
+     when pytest is there, and the AND step's loss and gradient with the attention kernel and the
+     discovery kernels against the exact path, bank in fp32 and bf16; a check fails on any NaN.
   b  end to end: the demo (bf16 on CUDA, compiled jitter, prefetch) stopped by SIGTERM and resumed;
      AlexNet-BN on a generated ImageNet-layout tree of full-size JPEGs, data.loader=torch,
      2 rounds, probes after training.
@@ -125,13 +125,16 @@ def part_a(s: Session) -> None:
         have_pytest = True
     except ImportError:
         have_pytest = False
+    # tests/test_gpu.py's one-GPU run is part b's demo again; only its two-GPU run (NCCL) is new
+    files = ["tests/test_gpu.py"] if s.cuda and torch.cuda.device_count() > 1 else []
+    label = " + ".join([*files, "CUDA tests of tests/test_attention.py"])
     if not s.cuda:
-        s.add("a", "tests/test_gpu.py + CUDA tests of test_attention.py", "skipped: no CUDA device (each test needs one)", None)
+        s.add("a", label, "skipped: no CUDA device (each test needs one)", None)
     elif not have_pytest:
-        s.add("a", "tests/test_gpu.py + CUDA tests of test_attention.py", "skipped: pytest is not installed here", None)
-    elif s.fits("a", "tests/test_gpu.py + CUDA tests of test_attention.py", 20):
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
-               "tests/test_attention.py", "-k", "cuda"]
+        s.add("a", label, "skipped: pytest is not installed here", None)
+    elif s.fits("a", label, 20):
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "tests/test_attention.py",
+               "-k", "cuda"]
         env = {**s.env(), **({"AND_TEST_GPUS": os.environ.get("CUDA_VISIBLE_DEVICES", "all")} if s.cuda else {})}
         t0 = time.time()
         try:
@@ -140,11 +143,11 @@ def part_a(s: Session) -> None:
             ok = proc.returncode == 0 and "failed" not in summary and "error" not in summary
             if s.cuda:
                 ok = ok and "passed" in summary
-            s.add("a", "tests/test_gpu.py + CUDA tests of test_attention.py", summary.strip("= "), ok)
+            s.add("a", label, summary.strip("= "), ok)
             if not ok:
                 print(proc.stdout[-4000:] + proc.stderr[-2000:], flush=True)
         except subprocess.TimeoutExpired:
-            s.timeout("a", "tests/test_gpu.py + CUDA tests of test_attention.py", t0)
+            s.timeout("a", label, t0)
     kernel_checks(s, n=4000 if q else 300_000, batch=32 if q else 256, disc_n=3000 if q else 20_000)
 
 
