@@ -22,7 +22,7 @@ budget is skipped with a line saying so. In order of value:
      Started only if part c's img/s projects it inside what is left (else the projection and what
      would make it fit); stopped by SIGTERM before the budget ends, it leaves a resumable run.
 
-Parts a-d share at most a third of the budget (240 s of the default 720, which fits one lease
+Parts a-d share at most a third of the budget (238 s of the default 720, which fits one lease
 with its start); e gets the rest. After every part the table is written again as markdown,
 <out>/<YYYY-MM-DD>-<device>.md, with the commit, the device and the command, so a call cut short
 still leaves what it measured.
