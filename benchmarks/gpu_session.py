@@ -1,26 +1,35 @@
 """One prepared device session: everything the CUDA path needs checked and measured, in one call.
 
-Why one script: a device lease is short (minutes) and a machine there has only torch, triton,
-pillow, pyyaml, tqdm, matplotlib and scipy (no DALI, faiss, wandb, submitit, nothing downloaded),
-so every part runs from this working tree, generates its own data, and is time-boxed: a part (or
-an item of one) that no longer fits the budget is skipped with a line saying so. In order of value:
+Why one script: a device lease is short (15 minutes, 1-2 of them to start) and a machine there has
+only torch, triton, pillow, pyyaml, tqdm, matplotlib and scipy (no DALI, faiss, wandb, submitit,
+nothing downloaded), so every part runs from this working tree, generates its own data (part e
+reads CIFAR-10 carried in), and is time-boxed: a part (or an item of one) that no longer fits the
+budget is skipped with a line saying so. In order of value:
 
-  a  correctness: tests/test_gpu.py and the CUDA tests of tests/test_attention.py (when pytest is
-     there), and the AND step's loss and gradient with the attention kernel and the discovery
-     kernels against the exact path, bank in fp32 and bf16; a check fails on any NaN.
+  a  correctness: the CUDA tests of tests/test_attention.py (with 2 GPUs tests/test_gpu.py too)
+     when pytest is there, and the AND step's loss and gradient with the attention kernel and the
+     discovery kernels against the exact path, bank in fp32 and bf16; a check fails on any NaN.
   b  end to end: the demo (bf16 on CUDA, compiled jitter, prefetch) stopped by SIGTERM and resumed;
      AlexNet-BN on a generated ImageNet-layout tree of full-size JPEGs, data.loader=torch,
      2 rounds, probes after training.
   c  throughput (train_throughput.run_case): trainer img/s against the model's own forward +
-     backward, prefetch on and off, compile off then on, and the input-stall share.
+     backward, prefetch on and off, and the input-stall share: part e's case (resnet18_cifar
+     batch 512), AlexNet-BN 224 px on the torch loader, then part e's case compiled.
   d  bank step and discovery at N = 1,281,167 (bank_step.single, discovery_scale.single): time,
      peak memory beyond the bank, anchors against the exact path on a structured bank.
+  e  fidelity: configs/fidelity_cifar10_gpu.yaml (instance discrimination, ResNet-18, all of
+     CIFAR-10 from --cifar, 200 epochs) through the trainer, final kNN beside the paper's 80.8.
+     Started only if part c's img/s projects it inside what is left (else the projection and what
+     would make it fit); stopped by SIGTERM before the budget ends, it leaves a resumable run.
 
-It prints one table last and writes it as markdown, <out>/<YYYY-MM-DD>-<device>.md, with the
-commit, the device and the command.
+Parts a-d share at most a third of the budget (238 s of the default 720, which fits one lease
+with its start); e gets the rest. After every part the table is written again as markdown,
+<out>/<YYYY-MM-DD>-<device>.md, with the commit, the device and the command, so a call cut short
+still leaves what it measured.
 
-Run:  python benchmarks/gpu_session.py --out $OUT --commit <hash>          # on the GPU, <= 8 min
-      python benchmarks/gpu_session.py --device cpu --quick --out /tmp/s   # CI smoke, < 60 s
+Run:  python benchmarks/gpu_session.py --out $OUT --commit <hash> --cifar PATH   # on the GPU, <= 12 min
+      python benchmarks/gpu_session.py --parts e --budget 600 --cifar PATH       # part e alone
+      python benchmarks/gpu_session.py --device cpu --quick --out /tmp/s         # CI smoke, < 70 s
 """
 from __future__ import annotations
 
@@ -51,13 +60,17 @@ sys.path.insert(0, str(REPO))
 DEPS = REPO / ".device_deps"
 FULL_N = 1_281_167
 TIMEOUT = "time-out"
-# Share of the budget each part may use; what a part leaves unused passes to the next ones.
-BOXES = {"a": 0.26, "b": 0.30, "c": 0.28, "d": 0.16}
+# Share of the budget each part may use; what a part leaves unused passes to the next ones. At the
+# default 720 s: a-d 238 s together, e 482 s. --quick: tiny sizes, where the demo costs most.
+BOXES = {"a": 0.07, "b": 0.09, "c": 0.06, "d": 0.11, "e": 0.67}
+QUICK_BOXES = {"a": 0.10, "b": 0.40, "c": 0.15, "d": 0.10, "e": 0.25}
 
 
 class Session:
     def __init__(self, args):
         self.args, self.rows = args, []
+        self.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        self.rates = {}          # (arch, batch) -> trainer img/s measured by part c (compile off)
         self.start = time.time()
         self.part_end = self.start
         self.cuda = torch.device(args.device).type == "cuda"
@@ -112,13 +125,16 @@ def part_a(s: Session) -> None:
         have_pytest = True
     except ImportError:
         have_pytest = False
+    # tests/test_gpu.py's one-GPU run is part b's demo again; only its two-GPU run (NCCL) is new
+    files = ["tests/test_gpu.py"] if s.cuda and torch.cuda.device_count() > 1 else []
+    label = " + ".join([*files, "CUDA tests of tests/test_attention.py"])
     if not s.cuda:
-        s.add("a", "tests/test_gpu.py + CUDA tests of test_attention.py", "skipped: no CUDA device (each test needs one)", None)
+        s.add("a", label, "skipped: no CUDA device (each test needs one)", None)
     elif not have_pytest:
-        s.add("a", "tests/test_gpu.py + CUDA tests of test_attention.py", "skipped: pytest is not installed here", None)
-    elif s.fits("a", "tests/test_gpu.py + CUDA tests of test_attention.py", 20):
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
-               "tests/test_attention.py", "-k", "cuda"]
+        s.add("a", label, "skipped: pytest is not installed here", None)
+    elif s.fits("a", label, 20):
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "tests/test_attention.py",
+               "-k", "cuda"]
         env = {**s.env(), **({"AND_TEST_GPUS": os.environ.get("CUDA_VISIBLE_DEVICES", "all")} if s.cuda else {})}
         t0 = time.time()
         try:
@@ -127,11 +143,11 @@ def part_a(s: Session) -> None:
             ok = proc.returncode == 0 and "failed" not in summary and "error" not in summary
             if s.cuda:
                 ok = ok and "passed" in summary
-            s.add("a", "tests/test_gpu.py + CUDA tests of test_attention.py", summary.strip("= "), ok)
+            s.add("a", label, summary.strip("= "), ok)
             if not ok:
                 print(proc.stdout[-4000:] + proc.stderr[-2000:], flush=True)
         except subprocess.TimeoutExpired:
-            s.timeout("a", "tests/test_gpu.py + CUDA tests of test_attention.py", t0)
+            s.timeout("a", label, t0)
     kernel_checks(s, n=4000 if q else 300_000, batch=32 if q else 256, disc_n=3000 if q else 20_000)
 
 
@@ -318,7 +334,7 @@ def jpeg_tree(root: Path, classes: int, train: int, test: int, sizes) -> Path:
 def _tree(s: Session) -> Path:
     if s.args.quick:
         return jpeg_tree(Path(s.args.work) / "tree", 2, 16, 6, [(120, 160), (160, 120)])
-    return jpeg_tree(Path(s.args.work) / "tree", 10, 280, 30, [(375, 500), (500, 375), (333, 500), (500, 333)])
+    return jpeg_tree(Path(s.args.work) / "tree", 10, 160, 20, [(375, 500), (500, 375), (333, 500), (500, 333)])
 
 
 def alexnet_run(s: Session) -> None:
@@ -328,12 +344,13 @@ def alexnet_run(s: Session) -> None:
     run = fresh(Path(s.args.work) / "alexnet")
     q = s.args.quick
     size = ["data.image_size=64", "train.batch_size=16", "probe.batch_size=16", "data.workers=0",
-            "probe.layers=[conv1,conv5]", "train.threads=1"] if q else \
+            "train.threads=1"] if q else \
         ["train.batch_size=256", "probe.batch_size=256", f"data.workers={max(2, (os.cpu_count() or 4) - 2)}"]
     args = _train_cmd("--config", "imagenet_alexnet", f"data.root={tree}", "data.loader=torch",
                       f"train.device={s.args.device}", "discovery.backend=torch", "curriculum.rounds=2",
                       "train.epochs_per_round=1", "eval.every_epochs=0", "eval.knn_k=10", "checkpoint.every_epochs=0",
-                      "probe.after_train=true", "probe.epochs=1", "probe.lr_decay_epochs=[]", *size,
+                      "probe.after_train=true", "probe.epochs=1", "probe.lr_decay_epochs=[]",
+                      "probe.layers=[conv1,conv5]", *size,
                       "log.progress=false", "log.wandb_mode=disabled", f"run_dir={run}")
     try:
         proc = subprocess.run(args, cwd=REPO, env=s.env(), text=True, capture_output=True, timeout=max(s.left(), 10))
@@ -368,33 +385,36 @@ def _flat(d, prefix="") -> dict:
 # ----------------------------------------------------------------------------------- part c
 
 def part_c(s: Session) -> None:
+    """Part e's case first (its img/s is e's projection), the JPEG path, then e's case compiled."""
     import train_throughput as tt
     q = s.args.quick
     if s.cuda:
         torch.backends.cudnn.benchmark = True
     tree = str(_tree(s))
-    cases = [("convnet_small", 32, 16, ""), ("alexnet_bn", 64, 4, tree)] if q else \
-        [("resnet18_cifar", 32, 128, ""), ("resnet18_cifar", 32, 512, ""), ("alexnet_bn", 224, 256, tree)]
-    steps = 1 if q else 30
-    need = {False: 10 if q else 25, True: 60}
-    for compile_ in (False, True):
-        for arch, size, batch, root in cases:
-            what = f"{arch} {size} px batch {batch} {'torch loader' if root else 'in memory'}, compile {'on' if compile_ else 'off'}"
-            if compile_ and q:
-                s.add("c", what, "skipped: --quick (compiling takes minutes on a CPU)", None)
-                continue
-            if not s.fits("c", what, need[compile_] * (2 if size > 96 else 1)):
-                continue
-            r = tt.run_case(arch, size, batch, 50_000 if not q else 256, s.args.device, "auto", compile_, 2,
-                            steps if not root or q else steps * 2 // 3, syncs=s.cuda, root=root,
-                            warmup=2 if q else 3, workers=0 if q else max(2, (os.cpu_count() or 4) - 2))
-            s.add("c", what,
-                  f"trainer {r['trainer']:.0f} img/s (prefetch 0: {r['serial']:.0f}), model {r['model']:.0f} img/s, "
-                  f"trainer/model {r['ratio']:.2f}; data wait {100 * r['wait_share']:.0f}% "
-                  f"({r['wait_ms']:.2f} of {r['step_ms']:.2f} ms/step), data alone {r['data']:.0f} img/s"
-                  + (f", {r['syncs']:.1f} syncs/step" if s.cuda else "")
-                  + (target(r["ratio"], 0.9, "trainer/model", larger=True) if s.cuda and arch == "resnet18_cifar" else ""),
-                  None)
+    cfg = fidelity_config(s)
+    mine = (cfg.model.arch, cfg.data.image_size, cfg.train.batch_size, "")
+    cases = [(*mine, False), ("alexnet_bn", 64, 4, tree, False)] if q else \
+        [(*mine, False), ("alexnet_bn", 224, 256, tree, False), (*mine, True)]
+    steps = 1 if q else 20
+    need = {False: 10 if q else 20, True: 60}
+    for arch, size, batch, root, compile_ in cases:
+        what = f"{arch} {size} px batch {batch} {'torch loader' if root else 'in memory'}, compile {'on' if compile_ else 'off'}"
+        if not s.fits("c", what, need[compile_] * (2 if size > 96 else 1)):
+            continue
+        r = tt.run_case(arch, size, batch, 50_000 if not q else 256, s.args.device, "auto", compile_, 2,
+                        steps if not root or q else steps // 2, syncs=s.cuda, root=root,
+                        warmup=2 if q else 3, workers=0 if q else max(2, (os.cpu_count() or 4) - 2))
+        if not root and not compile_:
+            s.rates[(arch, batch)] = r["trainer"]
+        s.add("c", what,
+              f"trainer {r['trainer']:.0f} img/s (prefetch 0: {r['serial']:.0f}), model {r['model']:.0f} img/s, "
+              f"trainer/model {r['ratio']:.2f}; data wait {100 * r['wait_share']:.0f}% "
+              f"({r['wait_ms']:.2f} of {r['step_ms']:.2f} ms/step), data alone {r['data']:.0f} img/s"
+              + (f", {r['syncs']:.1f} syncs/step" if s.cuda else "")
+              + (target(r["ratio"], 0.9, "trainer/model", larger=True) if s.cuda and arch == "resnet18_cifar" else ""),
+              None)
+    if q:
+        s.add("c", f"{mine[0]} compile on", "skipped: --quick (compiling takes minutes on a CPU)", None)
 
 
 # ----------------------------------------------------------------------------------- part d
@@ -406,17 +426,19 @@ def part_d(s: Session) -> None:
     n = 5_000 if q else FULL_N
     if s.fits("d", f"bank step N={n}", 5 if q else 20):
         rows = bank_step.single(types.SimpleNamespace(
-            device=s.args.device, sizes=[n], steps=3 if q else 20, batch=64 if q else 256, dim=128,
+            device=s.args.device, sizes=[n], steps=3 if q else 10, batch=64 if q else 256, dim=128,
             released_max=0, threads=0, profile=False))
         for r in rows:
             s.add("d", f"bank step {r['method']} N={n}",
                   f"{r['ms']:.2f} ms wall" + (f", {r['gpu_ms']:.2f} ms GPU" if s.cuda else "")
                   + f", peak {r['peak_bytes'] / MiB:.0f} MiB beyond the bank, |dloss| {r['dloss']:.1e}"
                   + (target(r["ms"], 1.5, "ms wall") if s.cuda and r["method"] == "attention" else ""), None)
-    if s.fits("d", f"discovery N={n}", 10 if q else 40):
+    # the exact path is the reference; attention/fp32 (part a checks it against the exact path at
+    # 20k) is left out on CUDA to keep the part short
+    if s.fits("d", f"discovery N={n}", 10 if q else 75):
         rows = discovery_scale.single(types.SimpleNamespace(
             device=s.args.device, sizes=[n], dim=128, chunk="auto", banks=["structured"], rate=0.25,
-            released_max=0, loop_sample=0, skip=[], threads=0))
+            released_max=0, loop_sample=0, skip=["attention/fp32"] if s.cuda else [], threads=0))
         for r in rows:
             s.add("d", f"discovery {r['method']} N={n} structured",
                   f"{r['seconds']:.2f} s, peak {r['peak_bytes'] / MiB:.0f} MiB beyond the bank, anchors equal "
@@ -431,10 +453,130 @@ def target(value: float, goal: float, unit: str, larger: bool = False) -> str:
     return f"; target {goal:g} {unit}: " + ("met" if met else f"missed by {abs(value - goal):.2f}")
 
 
+# ----------------------------------------------------------------------------------- part e
+
+ANCHOR = "Wu et al. 2018 (NPID) ResNet-18 CIFAR-10 kNN 80.8 at 200 epochs"
+# Seconds from the trainer's launch to its first step (imports, decoding the images into memory,
+# on CUDA compiling the jitter), and from SIGTERM to its exit (the checkpoint written): estimates.
+START_S = {True: 60.0, False: 8.0}
+STOP_S = {True: 20.0, False: 5.0}
+# --quick: a tiny run of the same config on the CPU
+QUICK_E = ["model.arch=convnet_small", "train.batch_size=16", "train.epochs_per_round=2", "train.lr_first_decay=1",
+           "train.lr_decay_every=1", "eval.every_epochs=1", "eval.knn_k=10", "checkpoint.every_epochs=1",
+           "train.threads=1", "data.workers=1"]
+
+
+def fidelity_config(s: Session):
+    """Part e's config as it will run (part c measures its case)."""
+    from and_dist.config import load_config
+    return load_config("fidelity_cifar10_gpu", QUICK_E if s.args.quick else [], check_data=False)
+
+
+def project(rate: float, epochs: int, train_n: int, test_n: int, every: int, start: float) -> float:
+    """Seconds part e needs: `epochs` at the trainer's img/s, its kNN passes (forward only, counted
+    at twice that rate: the test set every `every` epochs, train + test at the end), and `start`."""
+    evals = epochs // every if every else 0
+    return start + epochs * train_n / rate + (evals * test_n + train_n + test_n) / (2 * rate)
+
+
+def fitting_epochs(rate: float, epochs: int, train_n: int, test_n: int, every: int, start: float,
+                   left: float) -> int:
+    """The most epochs (of `epochs`) whose projection fits in `left` seconds."""
+    return max((k for k in range(epochs + 1) if project(rate, k, train_n, test_n, every, start) <= left), default=0)
+
+
+def fidelity_data(s: Session) -> tuple[list[str], str, int, int] | str:
+    """Part e's data overrides, its name and (train, test) sizes, or the line saying there is none."""
+    if s.args.cifar is None and s.args.quick:
+        tree = jpeg_tree(Path(s.args.work) / "tiny", 10, 4, 2, [(32, 32)])
+        return ["data.source=imagefolder", f"data.root={tree}"], "a tiny generated tree", 40, 20
+    root = Path(s.args.cifar or REPO / "data" / "cifar10-pack").resolve()
+    if (root / "pack.json").exists():
+        return ["data.source=pack", f"data.root={root}"], "CIFAR-10", 50_000, 10_000
+    if (root / "train").is_dir():
+        return ["data.source=imagefolder", f"data.root={root}"], "CIFAR-10", 50_000, 10_000
+    return f"skipped: no CIFAR-10 at {root} (see docs/performance.md to prepare the carry)"
+
+
+def part_e(s: Session) -> None:
+    q = s.args.quick
+    cfg = fidelity_config(s)
+    arch, batch, epochs, every = cfg.model.arch, cfg.train.batch_size, cfg.train.epochs_per_round, cfg.eval.every_epochs
+    what = f"fidelity: instance (NPID) {arch}, {epochs} epochs, batch {batch}" + (" bf16" if s.cuda else "")
+    data = fidelity_data(s)
+    if isinstance(data, str):
+        s.add("e", what + ", CIFAR-10", data, None)
+        return
+    overrides, name, train_n, test_n = data
+    what += f", {name}"
+    run = Path(s.args.work) / "fidelity"
+    resume = (run / "checkpoints" / "latest").exists() and not (run / "summary.json").exists()
+    done = len(_events(run, "epoch")) if resume else 0
+    rate, source = s.rates.get((arch, batch)), "part c"
+    if rate is None:                       # part c did not measure it: a short measurement here
+        import train_throughput as tt
+        rate = tt.run_case(arch, cfg.data.image_size, batch, 50_000 if not q else 256, s.args.device, "auto", False,
+                           2, 1 if q else 10, warmup=1 if q else 3, workers=0)["trainer"]
+        source = "measured in part e"
+    start, stop, left = START_S[s.cuda], STOP_S[s.cuda], s.left()
+    need = project(rate, epochs - done, train_n, test_n, every, start) + stop
+    basis = (f"{epochs - done} epochs at {rate:.0f} img/s ({source}) + kNN passes + ~{start:.0f} s start "
+             f"+ {stop:.0f} s to stop")
+    if need > left:
+        k = fitting_epochs(rate, epochs, train_n, test_n, every, start, left - stop)
+        s.add("e", what, f"skipped: needs ~{need:.0f} s ({basis}), {max(left, 0):.0f} s left: run it alone with "
+              f"--parts e --budget {math.ceil((need + 30) / 10) * 10}"
+              + (f", or set train.epochs_per_round={k}" if 0 < k < epochs and not done else ""), None)
+        return
+    args = _train_cmd("--config", "fidelity_cifar10_gpu", *overrides, f"train.device={s.args.device}",
+                      *(QUICK_E if q else []), *([] if s.cuda else ["train.precision=fp32"]),
+                      f"data.cache_dir={Path(s.args.work) / 'cache'}", "log.progress=false",
+                      "log.wandb_mode=disabled", f"run_dir={run}")
+    again = "python " + shlex.join([*args[1:], "resume=auto"])
+    if not resume:
+        fresh(run)
+    s.add("e", "fidelity run " + ("resumed" if resume else "started"),
+          f"projected ~{need:.0f} s ({basis}) of {left:.0f} s left; run {run}", None)
+    write_table(s)
+    t0 = time.time()
+    deadline = s.start + s.args.budget - stop
+    with open(Path(s.args.work) / "fidelity.log", "a") as log:
+        proc = subprocess.Popen([*args, *(["resume=auto"] if resume else [])], cwd=REPO, env=s.env(), text=True,
+                                stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1 if q else 1.0)
+        stopped = proc.poll() is None
+        if stopped:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=2 * stop)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    wall = time.time() - t0
+    ok, figures = _epochs_summary(run)
+    now = len(_events(run, "epoch"))
+    knn = _events(run, "knn")
+    last = f"last bank kNN top-1 {knn[-1]['knn_top1']:.1f} after {knn[-1]['epoch'] + 1} epochs" if knn else "no kNN yet"
+    if proc.returncode == 0 and (run / "summary.json").exists():
+        final = json.loads((run / "summary.json").read_text())["final_knn_top1"]
+        s.add("e", what, f"final kNN top-1 {final:.1f} (k={cfg.eval.knn_k}, sigma {cfg.eval.knn_sigma:g}) beside "
+              f"{ANCHOR}; {now} of {epochs} epochs ({now - done} in {wall:.0f} s wall; {figures})", ok)
+    elif stopped and proc.returncode == 128 + signal.SIGTERM:
+        s.add("e", what, f"stopped by SIGTERM before the budget's end: {now} of {epochs} epochs ({now - done} in "
+              f"{wall:.0f} s), {last} (anchor: {ANCHOR}); resume with --parts e and the same --work, or: {again}",
+              TIMEOUT)
+    else:
+        why = f"did not exit within {2 * stop:.0f} s of SIGTERM (killed)" if stopped else f"exit {proc.returncode}"
+        s.add("e", what, f"{why} after {now} of {epochs} epochs ({now - done} in {wall:.0f} s), {last}; log "
+              f"{Path(s.args.work) / 'fidelity.log'}", False)
+        print((Path(s.args.work) / "fidelity.log").read_text()[-4000:], flush=True)
+
+
 # ----------------------------------------------------------------------------------- table
 
 PARTS = (("a", "correctness", part_a), ("b", "end to end", part_b), ("c", "throughput", part_c),
-         ("d", "bank step and discovery", part_d))
+         ("d", "bank step and discovery", part_d), ("e", "fidelity", part_e))
 
 
 def device_name(s: Session) -> str:
@@ -454,7 +596,8 @@ def commit(given: str) -> str:
         return "unknown (pass --commit)"
 
 
-def write_table(s: Session, command: str) -> Path:
+def write_table(s: Session, final: bool = False) -> Path:
+    """The markdown table of every row so far (rewritten after each part); `final` also prints it."""
     name = device_name(s)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     path = Path(s.args.out) / f"{datetime.date.today().isoformat()}-{slug}.md"
@@ -462,10 +605,12 @@ def write_table(s: Session, command: str) -> Path:
     lines = [f"# Device session {datetime.date.today().isoformat()}: {name}", "",
              f"- commit: `{commit(s.args.commit)}`", f"- device: {name}, torch {torch.__version__}"
              + (f", CUDA {torch.version.cuda}" if s.cuda else ""),
-             f"- command: `{command}`", f"- wall: {time.time() - s.start:.0f} s of a {s.args.budget:.0f} s budget", "",
+             f"- command: `{s.command}`", f"- wall: {time.time() - s.start:.0f} s of a {s.args.budget:.0f} s budget", "",
              "| part | check | result | status |", "|---|---|---|---|"]
     lines += [f"| {p} | {c} | {r.replace('|', chr(92) + '|')} | {k} |" for p, c, r, k in s.rows]
     path.write_text("\n".join(lines) + "\n")
+    if not final:
+        return path
     width = max(len(c) for _, c, _, _ in s.rows)
     print("\n" + "\n".join(f"{p}  {c:<{width}}  {k:<4}  {r}" for p, c, r, k in s.rows), flush=True)
     print(f"table written to {path}", flush=True)
@@ -476,24 +621,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the CPU smoke test of every part")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 450, quick 55)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 720, quick 60)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of the markdown table")
     ap.add_argument("--work", default=None, help="folder for generated data and runs (default: a temp folder)")
     ap.add_argument("--commit", default="", help="commit hash to record (default: git rev-parse HEAD)")
-    ap.add_argument("--parts", default="abcd", help="which parts to run, e.g. cd")
+    ap.add_argument("--parts", default="abcde", help="which parts to run, e.g. e")
+    ap.add_argument("--cifar", default=None, help="part e's CIFAR-10: a pack (pack.json) or an ImageFolder tree "
+                    "(train/); default data/cifar10-pack, with --quick a generated tiny tree")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    args.budget = args.budget or (55.0 if args.quick else 450.0)
+    args.budget = args.budget or (60.0 if args.quick else 720.0)
     args.work = args.work or tempfile.mkdtemp(prefix="gpu_session-")
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     s = Session(args)
     print(f"device {device_name(s)}, torch {torch.__version__}, budget {args.budget:.0f} s, work {args.work}", flush=True)
     for key, title, fn in PARTS:
-        s.part_end += BOXES[key] * args.budget
+        s.part_end += (QUICK_BOXES if args.quick else BOXES)[key] * args.budget
         if key not in args.parts:
             s.add(key, title, "skipped: not in --parts", None)
             continue
@@ -508,7 +654,8 @@ def main() -> int:
             import traceback
             traceback.print_exc()
         print(f"[{key}] {title}: {time.time() - t0:.0f} s", flush=True)
-    write_table(s, command)
+        write_table(s)
+    write_table(s, final=True)
     return 1 if any(k == "FAIL" for *_, k in s.rows) else 0
 
 

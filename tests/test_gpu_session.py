@@ -37,12 +37,37 @@ def test_the_session_runs_every_part_on_the_cpu_and_writes_its_table(tmp_path):
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-cpu-x\d+\.md", table.name)
     text = table.read_text()
     assert re.search(r"- commit: `[0-9a-f]{40}", text) and "--device cpu --quick" in text
-    rows = [line.split(" | ") for line in text.splitlines() if re.match(r"\| [abcd] \|", line)]
-    for part in "abcd":
+    rows = [line.split(" | ") for line in text.splitlines() if re.match(r"\| [a-e] \|", line)]
+    for part in "abcde":
         mine = [r for r in rows if r[0] == f"| {part}"]
         assert mine, f"part {part} has neither a row nor a skip line"
         assert all(r[3].strip(" |") in ("ok", "", "time-out") for r in mine), mine   # no FAIL
     checks = [r for r in rows if r[3].strip(" |") == "ok"]
     assert any("NaN" in r[1] for r in checks)                                  # the NaN guard itself
     assert any(r[0] == "| a" and "AND step" in r[1] for r in checks)
+    assert any(r[0] == "| e" and "final kNN top-1" in r[2] and "80.8" in r[2] for r in checks)   # e ran to its end
     assert proc.stdout.rstrip().splitlines()[-1].startswith("table written to")
+
+
+def test_the_fidelity_projection():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_session import fitting_epochs, project
+    # 200 epochs of 50,000 at 25,000 img/s: 400 s; 11 kNN passes over 10,000 and one over 50,000 at
+    # twice that rate: 3.2 s; and the start
+    assert abs(project(25_000, 200, 50_000, 10_000, 20, 60) - (60 + 400 + 160_000 / 50_000)) < 1e-9
+    assert fitting_epochs(25_000, 200, 50_000, 10_000, 20, 60, 1e9) == 200
+    k = fitting_epochs(25_000, 200, 50_000, 10_000, 20, 60, 300)
+    assert project(25_000, k, 50_000, 10_000, 20, 60) <= 300 < project(25_000, k + 1, 50_000, 10_000, 20, 60)
+
+
+def test_a_budget_too_small_for_the_fidelity_run_skips_it_with_the_projection(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_session.py", "--device", "cpu", "--quick", "--parts", "e",
+                           "--budget", "8", "--out", str(out), "--work", str(tmp_path / "work")],
+                          cwd=REPO, env=_env(), text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (table,) = out.glob("*.md")
+    (row,) = [line for line in table.read_text().splitlines() if line.startswith("| e |")]
+    assert re.search(r"skipped: needs ~\d+ s \(2 epochs at \d+ img/s \(measured in part e\).*\d+ s left: "
+                     r"run it alone with --parts e --budget \d+", row), row
+    assert not (tmp_path / "work" / "fidelity").exists()      # nothing was started
