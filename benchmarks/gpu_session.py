@@ -44,6 +44,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import types
@@ -485,17 +486,53 @@ def fitting_epochs(rate: float, epochs: int, train_n: int, test_n: int, every: i
     return max((k for k in range(epochs + 1) if project(rate, k, train_n, test_n, every, start) <= left), default=0)
 
 
+ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".tar")
+CARRY = REPO / "data" / "cifar10-pack.tar.gz"      # what docs/performance.md's carry commands make
+
+
+def unpacked(archive: Path, into: Path) -> Path:
+    """The pack folder inside a carried archive, extracted under `into` once (the carry travels as
+    one compressed file: CIFAR-10's 60,000 JPEGs share their headers, so gzip halves them)."""
+    done = into / (archive.name + ".done")
+    if not done.exists():
+        shutil.rmtree(into / "extract", ignore_errors=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(into / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        done.write_text("")
+    found = sorted(p.parent for p in (into / "extract").rglob("pack.json"))
+    return found[0] if found else into / "extract"
+
+
+def tiny_carry(work: Path) -> Path:
+    """--quick without --cifar: a generated tree packed and archived as the real carry is."""
+    from and_dist.data.pack_write import write_pack
+    archive = work / "tiny-pack.tar.gz"
+    if not archive.exists():
+        tree = jpeg_tree(work / "tiny", 10, 4, 2, [(32, 32)])
+        write_pack(str(tree), str(work / "tiny-pack"), workers=1, log=lambda *_: None, progress=False)
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(work / "tiny-pack", "tiny-pack")
+    return archive
+
+
 def fidelity_data(s: Session) -> tuple[list[str], str, int, int] | str:
     """Part e's data overrides, its name and (train, test) sizes, or the line saying there is none."""
+    work = Path(s.args.work)
     if s.args.cifar is None and s.args.quick:
-        tree = jpeg_tree(Path(s.args.work) / "tiny", 10, 4, 2, [(32, 32)])
-        return ["data.source=imagefolder", f"data.root={tree}"], "a tiny generated tree", 40, 20
-    root = Path(s.args.cifar or REPO / "data" / "cifar10-pack").resolve()
+        root, name = unpacked(tiny_carry(work), work / "carry"), "a tiny generated pack"
+    else:
+        root = Path(s.args.cifar).resolve() if s.args.cifar else \
+            CARRY if CARRY.exists() else REPO / "data" / "cifar10-pack"
+        name = "CIFAR-10"
+        if root.name.endswith(ARCHIVES) and root.is_file():
+            root = unpacked(root, work / "carry")
     if (root / "pack.json").exists():
-        return ["data.source=pack", f"data.root={root}"], "CIFAR-10", 50_000, 10_000
+        from and_dist.data.pack import read_manifest
+        sizes = [read_manifest(str(root))["splits"][k]["samples"] for k in ("train", "test")]
+        return ["data.source=pack", f"data.root={root}"], name, *sizes
     if (root / "train").is_dir():
-        return ["data.source=imagefolder", f"data.root={root}"], "CIFAR-10", 50_000, 10_000
-    return f"skipped: no CIFAR-10 at {root} (see docs/performance.md to prepare the carry)"
+        return ["data.source=imagefolder", f"data.root={root}"], name, 50_000, 10_000
+    return f"skipped: no CIFAR-10 at {root} (docs/performance.md says how to make the carry)"
 
 
 def part_e(s: Session) -> None:
@@ -531,6 +568,7 @@ def part_e(s: Session) -> None:
     args = _train_cmd("--config", "fidelity_cifar10_gpu", *overrides, f"train.device={s.args.device}",
                       *(QUICK_E if q else []), *([] if s.cuda else ["train.precision=fp32"]),
                       f"data.cache_dir={Path(s.args.work) / 'cache'}", "log.progress=false",
+                      *([] if q else [f"data.workers={os.cpu_count()}"]),
                       "log.wandb_mode=disabled", f"run_dir={run}")
     again = "python " + shlex.join([*args[1:], "resume=auto"])
     if not resume:
@@ -626,8 +664,9 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="folder for generated data and runs (default: a temp folder)")
     ap.add_argument("--commit", default="", help="commit hash to record (default: git rev-parse HEAD)")
     ap.add_argument("--parts", default="abcde", help="which parts to run, e.g. e")
-    ap.add_argument("--cifar", default=None, help="part e's CIFAR-10: a pack (pack.json) or an ImageFolder tree "
-                    "(train/); default data/cifar10-pack, with --quick a generated tiny tree")
+    ap.add_argument("--cifar", default=None, help="part e's CIFAR-10: the carry (a .tar.gz of a pack), a pack "
+                    "(pack.json) or an ImageFolder tree (train/); default data/cifar10-pack.tar.gz, else "
+                    "data/cifar10-pack; with --quick a generated tiny pack")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)

@@ -71,3 +71,35 @@ def test_a_budget_too_small_for_the_fidelity_run_skips_it_with_the_projection(tm
     assert re.search(r"skipped: needs ~\d+ s \(2 epochs at \d+ img/s \(measured in part e\).*\d+ s left: "
                      r"run it alone with --parts e --budget \d+", row), row
     assert not (tmp_path / "work" / "fidelity").exists()      # nothing was started
+
+
+CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpg"
+LIMIT = 60 * 2**20          # what may travel to the device machine: 64 MiB, less a margin
+
+
+def _tracked_bytes() -> int:
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    return sum((REPO / n).stat().st_size for n in names.decode().split("\0") if n and (REPO / n).is_file())
+
+
+def test_the_repository_and_the_gpu_carry_stay_under_60_mib(tmp_path):
+    """The carry of docs/performance.md, made by its two commands from all of CIFAR-10: the pack
+    archive (and pytest for part a) with the tracked files stays under 60 MiB, and it unpacks to
+    the 50,000 + 10,000 samples part e trains on."""
+    import pytest
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} is not here (the carry is made from it)")
+    pack = tmp_path / "cifar10-pack"
+    subprocess.run([sys.executable, "-m", "and_dist.prepare", str(CIFAR), str(pack), "--pack"], cwd=REPO,
+                   env={**_env(), "PYTHONPATH": str(REPO)}, check=True, capture_output=True, timeout=300)
+    archive = tmp_path / "cifar10-pack.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(tmp_path), "cifar10-pack"], check=True, timeout=120)
+    deps = sum(f.stat().st_size for m in ("pytest", "_pytest", "pluggy", "iniconfig", "packaging")
+               for f in Path(__import__(m).__file__).parent.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    total = _tracked_bytes() + archive.stat().st_size + deps
+    assert total < LIMIT, f"{total / 2**20:.1f} MiB would travel"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_session import unpacked
+    from and_dist.data.pack import open_pack
+    train, test = open_pack(str(unpacked(archive, tmp_path / "carry")), None, 2, log=lambda *_: None)
+    assert (len(train), len(test)) == (50_000, 10_000)

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -92,17 +93,21 @@ class PackSplit:
                             "make the pack again") from None
         self.names = blob.split("\0") if blob else []
         self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        self._pid, self._opening = os.getpid(), threading.Lock()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def _fd(self, k: int) -> int:
         if self._pid != os.getpid():          # a forked worker opens its own descriptors
-            self._fds, self._pid = {}, os.getpid()
-        if k not in self._fds:
-            self._fds[k] = os.open(os.path.join(self.root, self.shards[k]["file"]), os.O_RDONLY)
-        return self._fds[k]
+            self._fds, self._pid, self._opening = {}, os.getpid(), threading.Lock()
+        fd = self._fds.get(k)
+        if fd is None:
+            with self._opening:                # reader threads (DALI's read-ahead) share descriptors
+                fd = self._fds.get(k)
+                if fd is None:
+                    fd = self._fds[k] = os.open(os.path.join(self.root, self.shards[k]["file"]), os.O_RDONLY)
+        return fd
 
     def read(self, i: int) -> bytes:
         """The encoded image of sample i: one positional read."""
@@ -126,7 +131,10 @@ class PackSplit:
         return SplitInfo(torch.from_numpy(self.labels.astype(np.int64)), list(self.classes), list(self.skipped))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fds": {}}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_opening")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _fds={}, _opening=threading.Lock())
 
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():

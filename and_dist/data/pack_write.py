@@ -179,7 +179,7 @@ def _index(dst: str, split: str, records: list[dict], labels: list[int], names: 
               "names": np.frombuffer("\0".join(names[i] for i in ordinal).encode("utf-8", "surrogateescape"),
                                      dtype=np.uint8)}
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez_compressed(buf, **arrays)
     files.write_bytes(os.path.join(dst, index_name(split)), buf.getvalue())
 
 
