@@ -28,12 +28,11 @@ import sys
 from contextlib import contextmanager, suppress
 from multiprocessing import Pool
 
-from tqdm import tqdm
-
 from .data.folder import TreeWalk, _is_image
 from .data.layout import check_layout_keys
 from .data.reencode import for_copy
 from .platform.errors import EXIT_USER_ERROR, UserError
+from .platform.log import progress_bar
 from .run.stop import exits_on_stop, finish_pool, quiet_worker
 
 def _done(src: str, dst: str) -> bool:
@@ -127,11 +126,13 @@ def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, 
     workers = workers or os.cpu_count()
     with Pool(workers, initializer=quiet_worker) as pool:
         results = pool.imap_unordered(resize_image, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
-        for path, what, reason in tqdm(results, total=len(jobs), unit="img", desc=f"resize to {side} px",
-                                       disable=not progress):
+        bar = progress_bar(len(jobs), f"resize to {side} px", progress, log, unit="img")
+        for path, what, reason in results:
+            bar.update()
             counts[what] += 1
             if reason:
                 log(f"skipping unreadable image {path}: {reason}")
+        bar.close()
         finish_pool(pool)
     return counts
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..platform.errors import UserError
+from ..platform.log import progress_bar
 from .base import SplitInfo
 
 FORMAT, VERSION = "and_dist pack", 1
@@ -199,8 +200,10 @@ def check_shards(root: str, manifest: dict, cache_dir: str | None, workers: int,
         return
     total = sum(os.path.getsize(p) for p, _, _ in todo)
     log(f"checking the sha256 of {len(todo)} pack shard(s), {total / 2**30:.2f} GiB (once: remembered in the cache)")
+    bar = progress_bar(len(todo), "sha256 of the pack's shards", False, log, every=30.0, unit="shard")
     with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
         for (path, want, mark), got in zip(todo, pool.map(sha256_of, [p for p, _, _ in todo])):
+            bar.update()
             if got != want:
                 raise UserError(f"pack shard {path}: sha256 {got[:16]}... differs from {MANIFEST}'s {want[:16]}... "
                                 "(altered or damaged); restore it or make the pack again")

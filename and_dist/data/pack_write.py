@@ -20,10 +20,9 @@ from contextlib import suppress
 from multiprocessing import Pool
 
 import numpy as np
-from tqdm import tqdm
-
 from ..platform import files
 from ..platform.errors import UserError
+from ..platform.log import progress_bar
 from ..run.stop import SIGNALS, finish_pool
 from .layout import resolve
 from .pack import FORMAT, MANIFEST, SPLITS, VERSION, index_name, read_manifest, shard_name
@@ -139,8 +138,9 @@ def _write_split(src: str, dst: str, split: str, folder: str, paths: list[str], 
     writer, lo = None, start
     try:
         results = pool.imap(encode, jobs, chunksize=max(1, min(16, len(jobs) // 64)))
-        for ordinal, data, hw, fmt, reason in tqdm(results, total=len(jobs), unit="img", disable=not progress,
-                                                   desc=f"pack {folder}"):
+        bar = progress_bar(len(jobs), f"pack {folder}", progress, log, unit="img")
+        for ordinal, data, hw, fmt, reason in results:
+            bar.update()
             writer = writer or ShardWriter(os.path.join(dst, shard_name(split, len(records))))
             if data is None:
                 log(f"skipping unreadable image {paths[ordinal]}: {reason}")
@@ -157,6 +157,7 @@ def _write_split(src: str, dst: str, split: str, folder: str, paths: list[str], 
             writer = writer or ShardWriter(os.path.join(dst, shard_name(split, len(records))))
             records.append(_save_record(dst, split, len(records), writer.close(), writer, lo, len(paths), names))
             writer = None
+        bar.close()
     finally:
         if writer is not None:
             writer.discard()

@@ -40,6 +40,13 @@ class _LineBar(NoBar):
                      f"{rate:.0f}/s, ETA {eta / 60:.1f} min")
 
 
+def progress_bar(total: int, desc: str, tty: bool, say, every: float = 60.0, unit: str = "it"):
+    """A tqdm bar on a terminal, else a line to `say` every `every` seconds (a job's log file)."""
+    if tty:
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return _LineBar(total, desc, say, every)
+
+
 def strict(value):
     """JSON-safe: NaN/inf become null (strict parsers reject them), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
