@@ -12,13 +12,12 @@ from ..platform.log import NoBar
 
 
 @torch.no_grad()
-def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats: torch.Tensor,
-                 train_labels: torch.Tensor, num_classes: int, k: int = 200, sigma: float = 0.1,
-                 chunk: int | str = "auto", progress=None) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of similarity-weighted kNN voting.
+def knn_predict(queries: torch.Tensor, train_feats: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+                k: int = 200, sigma: float = 0.1, chunk: int | str = "auto", progress=None) -> torch.Tensor:
+    """(Q, min(5, C)) classes of each query, by falling weighted vote, on the CPU.
 
-    queries/query_labels: every query, the same on all ranks. train_feats/train_labels: this
-    rank's slice. Votes are sum over the k nearest of exp(sim / sigma) per class.
+    queries: every query, the same on all ranks. train_feats/train_labels: this rank's slice.
+    A query's vote for class c is the sum of exp(sim / sigma) over its k nearest train rows of c.
     """
     _, world = dist.rank_world()
     k_local = min(k, len(train_feats))
@@ -26,7 +25,7 @@ def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats:
                                  train_feats.device, len(queries), what="kNN chunk")
     if world > 1:  # every rank must run the same chunks: each chunk is a collective
         chunk = int(-dist.all_reduce(torch.tensor([-chunk], device=train_feats.device), "max").item())
-    correct1 = correct5 = 0
+    preds = []
     for a in range(0, len(queries), chunk):
         q = queries[a: a + chunk].to(train_feats)
         sims = q @ train_feats.T
@@ -43,14 +42,20 @@ def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats:
             lab = lab.gather(1, j)
         votes = torch.zeros(len(q), num_classes, device=v.device, dtype=v.dtype)
         votes.scatter_add_(1, lab, torch.exp(v / sigma))
-        pred = votes.topk(min(5, num_classes), dim=1).indices.cpu()
-        truth = query_labels[a: a + chunk][:, None]
-        correct1 += (pred[:, :1] == truth).sum().item()
-        correct5 += (pred == truth).any(1).sum().item()
+        preds.append(votes.topk(min(5, num_classes), dim=1).indices.cpu())
         if progress is not None:
             progress(len(q))
+    return torch.cat(preds) if preds else torch.empty(0, min(5, num_classes), dtype=torch.long)
+
+
+def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, train_feats: torch.Tensor,
+                 train_labels: torch.Tensor, num_classes: int, k: int = 200, sigma: float = 0.1,
+                 chunk: int | str = "auto", progress=None) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `knn_predict` against the queries' labels."""
+    pred = knn_predict(queries, train_feats, train_labels, num_classes, k, sigma, chunk, progress)
+    truth = query_labels.cpu()[:, None]
     n = max(len(queries), 1)
-    return 100.0 * correct1 / n, 100.0 * correct5 / n
+    return 100.0 * (pred[:, :1] == truth).sum().item() / n, 100.0 * (pred == truth).any(1).sum().item() / n
 
 
 def knn_eval(model, data, env, k: int, sigma: float, train_feats: torch.Tensor | None = None,
