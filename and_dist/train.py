@@ -17,10 +17,10 @@ import torch
 
 from .run import checkpoint, rundir
 from .platform import dist, precision
-from .config import Config, config_or_exit, save_config, to_dict
+from .config import Config, config_or_exit, save_config
 from .data import build_data
-from .run.entry import Session, main_decides, main_rank
-from .platform.errors import EXIT_USER_ERROR, UserError
+from .run.entry import Session, main_decides
+from .platform.errors import UserError
 from .platform.log import RunLog
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
@@ -28,9 +28,9 @@ from .models import build_model, convert_global_bn
 from .eval.prober import check_layers, run_probes
 from .training import init_from
 from .training.report import Report
-from .training.state import RNG, Progress, RunConfig
+from .training.state import Progress
 from .run.stop import Stop, exits_on_stop
-from .training.trainer import RunParts, Trainer
+from .training.trainer import Trainer
 
 
 def _choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
@@ -79,22 +79,19 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
                           weight_decay=t.weight_decay)
     bank = ShardedBank(len(data.train), cfg.model.low_dim, cfg.bank.temperature, cfg.bank.momentum,
                        seed=t.seed, device=env.device, dtype=dtype)
-    curriculum = Curriculum(cfg.curriculum.anchor_rate, cfg.curriculum.method)
-    progress = Progress()
+    trainer = Trainer(cfg=cfg, env=env, run_dir=run, data=data, model=model, forward=forward, opt=opt, bank=bank,
+                      curriculum=Curriculum(cfg.curriculum.anchor_rate, cfg.curriculum.method),
+                      progress=Progress(), log=log, report=Report(run, log, env.is_main), stop=stop)
     if source is not None:
-        init_from.apply(source, model, bank, progress)
+        init_from.apply(source, model, bank, trainer.progress)
     if env.is_main:
         save_config(cfg, run / "config.yaml")
-    owners = {"config": RunConfig(to_dict(cfg)), "model": model, "optimizer": opt, "bank": bank,
-              "curriculum": curriculum, "progress": progress, "rng": RNG(), "log": log}
     if ckpt is not None:
-        checkpoint.load(ckpt, {k: v for k, v in owners.items() if k != "log"})
-        log.load_state_dict(_log_state(cfg, run, ckpt, progress))
-    _banner(log, cfg, env, run, data, ckpt, progress, source)
+        checkpoint.load(ckpt, {k: v for k, v in trainer.checkpoint_owners().items() if k != "log"})
+        log.load_state_dict(_log_state(cfg, run, ckpt, trainer.progress))
+    _banner(log, cfg, env, run, data, ckpt, trainer.progress, source)
     log.start_wandb()
-    report = Report(run, log, env.is_main)
-    return Trainer(RunParts(cfg, env, run, data, model, forward, opt, bank, curriculum, progress, log, report,
-                            stop, owners))
+    return trainer
 
 
 def _log_state(cfg, run: Path, ckpt: Path, p: Progress) -> dict:
@@ -126,33 +123,28 @@ def _banner(log, cfg, env, run, data, ckpt, p, source) -> None:
 @exits_on_stop("continue with resume=auto")
 def main(argv: list[str] | None = None) -> int:
     cfg = config_or_exit(argv)
-    fresh = []
+    return Session(cfg.train).run(lambda session: _train(cfg, session))
 
-    def body(session: Session) -> int:
-        env = session.env
-        run, ckpt = main_decides(env, lambda: _choose_run_dir(cfg))
-        fresh.extend([run] if ckpt is None and not cfg.run_dir else [])
-        session.lock(run)
-        with Stop() as stop:
-            trainer = build(cfg, env, run, ckpt, stop)
-            try:
-                done = trainer.run() is not None
-                if done and cfg.probe.after_train:
-                    trainer.data = None                # the probes load their own (on the GPU too)
-                    done = run_probes(cfg, env, run, trainer.model, trainer.log, stop=stop,
-                                      step=trainer.progress.global_step) is not None
-            finally:
-                trainer.log.close()
-            status = 0 if done else stop.exit_status()
-        del trainer  # DDP must go before its process group, or gloo aborts at exit
-        return status
 
-    status = Session(cfg.train).run(body)
-    if status == EXIT_USER_ERROR and fresh and main_rank():
-        try:                  # refused before it wrote anything (e.g. init_from): no empty run left
-            fresh[0].rmdir()
-        except OSError:
-            pass
+def _train(cfg: Config, session: Session) -> int:
+    """Rank 0 picks the run directory; every rank builds the run, trains it and, when asked,
+    probes it. Returns the exit status."""
+    run, ckpt = main_decides(session.env, lambda: _choose_run_dir(cfg))
+    if ckpt is None and not cfg.run_dir:
+        session.created(run)
+    session.lock(run)
+    with Stop() as stop:
+        trainer = build(cfg, session.env, run, ckpt, stop)
+        try:
+            done = trainer.run() is not None
+            if done and cfg.probe.after_train:
+                trainer.data = None                # the probes load their own (on the GPU too)
+                done = run_probes(cfg, session.env, run, trainer.model, trainer.log, stop=stop,
+                                  step=trainer.progress.global_step) is not None
+        finally:
+            trainer.log.close()
+        status = 0 if done else stop.exit_status()
+    del trainer  # DDP must go before its process group, or gloo aborts at exit
     return status
 
 

@@ -49,7 +49,7 @@ def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str
     from and_dist.method.curriculum import Curriculum
     from and_dist.models import build_model
     from and_dist.training.state import Progress
-    from and_dist.training.trainer import RunParts, Trainer
+    from and_dist.training.trainer import Trainer
 
     cfg = Config()
     cfg.model.arch, cfg.data.image_size, cfg.train.batch_size = arch, size, batch
@@ -66,8 +66,8 @@ def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str
     forward = precision.wrap(model, env.device, precision_, last, compile_)
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4)
     bank = ShardedBank(n, cfg.model.low_dim, device=env.device)
-    trainer = Trainer(RunParts(cfg, env, None, data, model, forward, opt, bank, Curriculum(0.25), Progress(),
-                               log=None, report=None, stop=None, owners={}))
+    trainer = Trainer(cfg=cfg, env=env, run_dir=None, data=data, model=model, forward=forward, opt=opt, bank=bank,
+                      curriculum=Curriculum(0.25), progress=Progress(), log=None, report=None, stop=None)
     return trainer, data, forward, opt, env
 
 

@@ -17,7 +17,7 @@ from ..config import Config
 from ..data import build_data
 from ..platform.errors import UserError
 from ..platform.log import RunLog, fmt
-from ..run.loop import Loop, step_lr
+from ..run.loop import EpochDone, Loop, StopPoint, step_lr
 from ..run.stop import Stop
 from .probes import ProbeHeads, ProbeProgress, Taps, evaluate
 
@@ -91,7 +91,6 @@ class Prober(Loop):
                                    weight_decay=self.protocol.weight_decay)
         self.progress = ProbeProgress(loss=[0.0] * len(self.protocol.layers), source={
             "pretrain_step": step, "arch": cfg.model.arch, **{k: getattr(self.protocol, k) for k in FIXED}})
-        self.owners = {"heads": self.heads, "optimizer": self.opt, "progress": self.progress, "log": log}
         self.autocast = env.device.type == "cuda" and cfg.train.precision != "fp32"
         self.dtype = next(model.parameters()).dtype
         self._restore()
@@ -107,7 +106,7 @@ class Prober(Loop):
             if have.get(key) != value:
                 raise UserError(f"{ckpt} holds probes with {key}={have.get(key)!r}, this run asks for "
                                 f"{value!r}; use the same setting or remove {self.out / 'probes'} to probe again")
-        for key, owner in self.owners.items():
+        for key, owner in self.checkpoint_owners().items():
             if key in state:                                  # "log" is missing in older ones
                 owner.load_state_dict(state[key])
         p = self.progress
@@ -118,30 +117,20 @@ class Prober(Loop):
     def lr_at(self, epoch: int) -> float:
         return step_lr(self.protocol.lr, epoch, self.protocol.lr_decay_epochs, self.protocol.lr_gamma)
 
-    def run(self) -> dict | None:
-        p = self.progress
-        self.start_clock()
-        while p.epoch < self.protocol.epochs:
-            if not self.train_epoch():
-                return None
-            self.end_of_epoch()
-        return self.finish()
+    def checkpoint_owners(self) -> dict:
+        return {"heads": self.heads, "optimizer": self.opt, "progress": self.progress, "log": self.log}
 
-    def train_epoch(self) -> bool:
-        p, env = self.progress, self.env
+    def run(self) -> dict | None:
+        self.start_clock()
+        return self.finish() if self.run_epochs(self.protocol.epochs) else None
+
+    def train_epoch(self) -> EpochDone | None:
+        p = self.progress
         self.set_lr(self.lr_at(p.epoch))
-        steps = self.data.steps(0, p.epoch)
         self.forward.train()
-        zero = torch.zeros(len(self.taps.layers), dtype=torch.float64, device=env.device)
-        done = self.run_steps(self.data.batches(0, p.epoch, p.step), steps, f"probe epoch {p.epoch}",
-                              self.step, zero)
-        if done is None:
-            return False
-        total = dist.all_reduce(done.loss_sum + torch.tensor(p.loss, dtype=torch.float64, device=env.device)).cpu()
-        self.epoch_loss = (total / max(steps * env.world, 1)).tolist()
-        self.epoch_rate = done.images_per_s
-        p.loss = [0.0] * len(p.loss)
-        return True
+        zero = torch.zeros(len(self.taps.layers), dtype=torch.float64, device=self.env.device)
+        return self.run_steps(self.data.batches(0, p.epoch, p.step), self.data.steps(0, p.epoch),
+                              f"probe epoch {p.epoch}", zero)
 
     def step(self, batch) -> torch.Tensor:
         feats = self.taps(batch.images.to(self.dtype), self.autocast)
@@ -152,31 +141,33 @@ class Prober(Loop):
         self.opt.step()
         return torch.stack([l.detach() for l in losses]).double()
 
-    def interrupted(self, loss_sum: torch.Tensor) -> tuple[str, str, str]:
+    def stop_point(self, loss_sum: torch.Tensor) -> StopPoint:
         # every rank's partial sum, saved as a per-rank share: the epoch's closing
         # all-reduce adds each rank's new sum to it once per rank
         p = self.progress
         partial = dist.all_reduce(loss_sum.clone()).cpu() / self.env.world
         p.loss = (torch.tensor(p.loss, dtype=torch.float64) + partial).tolist()
-        return f"e{p.epoch}-s{p.step}", f"epoch {p.epoch} step {p.step}", "run the same command again to continue"
+        return StopPoint(f"e{p.epoch}-s{p.step}", f"epoch {p.epoch} step {p.step}",
+                         "run the same command again to continue")
 
-    def end_of_epoch(self) -> None:
-        p, layers = self.progress, self.taps.layers
-        last = p.epoch + 1 == self.protocol.epochs
-        ten = self.protocol.ten_crop and last
-        bar = self.log.bar(len(self.data.test) // self.env.world, "probe test")
-        scores = evaluate(self.heads, self.taps, self.data, self.env, ten, self.autocast, bar)
+    def end_of_epoch(self, epoch: int, done: EpochDone) -> None:
+        p, layers, env = self.progress, self.taps.layers, self.env
+        total = dist.all_reduce(done.loss_sum + torch.tensor(p.loss, dtype=torch.float64, device=env.device)).cpu()
+        epoch_loss = (total / max(self.data.steps(0, epoch) * env.world, 1)).tolist()
+        p.loss = [0.0] * len(p.loss)
+        ten = self.protocol.ten_crop and epoch + 1 == self.protocol.epochs
+        bar = self.log.bar(len(self.data.test) // env.world, "probe test")
+        scores = evaluate(self.heads, self.taps, self.data, env, ten, self.autocast, bar)
         bar.close()
-        lr = self.lr_at(p.epoch)
-        row = {"epoch": p.epoch, "lr": lr, "crop": "ten" if ten else "centre",
+        lr = self.lr_at(epoch)
+        row = {"epoch": epoch, "lr": lr, "crop": "ten" if ten else "centre",
                "layers": {n: {"top1": t1, "top5": t5, "loss": loss}
-                          for n, (t1, t5), loss in zip(layers, scores, self.epoch_loss)}}
+                          for n, (t1, t5), loss in zip(layers, scores, epoch_loss)}}
         p.history.append(row)
-        p.epoch, p.step = p.epoch + 1, 0
-        self.log.info(f"probe epoch {row['epoch']}: lr {lr:.4g} {self.epoch_rate:.0f} img/s; top-1 "
+        self.log.info(f"probe epoch {epoch}: lr {lr:.4g} {done.images_per_s:.0f} img/s; top-1 "
                       + " ".join(f"{n} {fmt(s[0])}" for n, s in zip(layers, scores)))
         step = self.base_step + p.global_step
-        self.log.event(event="probe", epoch=row["epoch"], step=step, lr=lr, images_per_s=self.epoch_rate,
+        self.log.event(event="probe", epoch=epoch, step=step, lr=lr, images_per_s=done.images_per_s,
                        **{f"{n}_{k}": v for n, r in row["layers"].items() for k, v in r.items()})
         self.write_outputs(finished=False, image_step=step)
         self.save(f"e{p.epoch}", self.checkpoint_word)

@@ -39,7 +39,13 @@ class Session:
 
     def __init__(self, train_cfg):
         self.device, self.timeout = train_cfg.device, train_cfg.collective_timeout
-        self.env, self.locked = None, []
+        self.env, self.locked, self.fresh = None, [], []
+
+    def created(self, run: Path) -> Path:
+        """`run` is new: if a user error ends the job before anything is written in it, it goes
+        again (resume=auto must not find an empty run)."""
+        self.fresh.append(run)
+        return run
 
     def lock(self, run: Path) -> Path:
         """Hold `run` for this job (rank 0 takes the lock file; a live holder is a UserError)."""
@@ -54,16 +60,23 @@ class Session:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         try:
-            return body(self)
+            status = body(self)
         except Exception as e:  # noqa: BLE001 - see errors.exit_status
             if (stopped := masked_stop(e)) is not None:
                 raise stopped from None            # a stop that a failing cleanup hid
-            return exit_status(e, self.env, self.locked[0] if self.locked else None)
+            status = exit_status(e, self.env, self.locked[0] if self.locked else None)
         finally:
             if self.env.is_main:
                 for run in self.locked:
                     rundir.release(run)
             dist.shutdown()
+        if status == EXIT_USER_ERROR and self.env.is_main:
+            for run in self.fresh:
+                try:
+                    run.rmdir()                    # only if empty: nothing of it is lost
+                except OSError:
+                    pass
+        return status
 
 
 def main_rank() -> bool:

@@ -8,42 +8,25 @@ everyone else's only itself. Everything else lives in the components the trainer
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Config, to_dict
+from ..data.base import TrainData
 from ..eval.knn import knn_eval
-from ..platform.log import RunLog, fmt
-from ..run.loop import Loop, cosine_lr, step_lr
-from .report import Report, round_table
+from ..method.attention import select_shard_fn
 from ..method.bank import ShardedBank
 from ..method.curriculum import Curriculum
 from ..method.discovery import discover
-from ..method.attention import select_shard_fn
 from ..method.loss import and_loss
-from .state import Progress
+from ..platform.dist import Env
+from ..platform.log import RunLog, fmt
+from ..run.loop import EpochDone, Loop, StopPoint, cosine_lr, step_lr
 from ..run.step_timer import describe
 from ..run.stop import Stop
-
-
-@dataclass
-class RunParts:
-    """The components of a training run, built once by train.build."""
-    cfg: object
-    env: object
-    run_dir: Path
-    data: object
-    model: torch.nn.Module           # the plain module (state, evaluation)
-    forward: torch.nn.Module         # what a step calls: the model under DDP / autocast / compile
-    opt: torch.optim.Optimizer
-    bank: ShardedBank
-    curriculum: Curriculum
-    progress: Progress
-    log: RunLog
-    report: Report
-    stop: Stop
-    owners: dict                     # the checkpointed state, by name (checkpoint.save/load)
+from .report import Report, round_table
+from .state import RNG, Progress, RunConfig
 
 
 def lr_at(cfg, epoch: int) -> float:
@@ -56,35 +39,52 @@ def lr_at(cfg, epoch: int) -> float:
 
 
 class Trainer(Loop):
-    def __init__(self, parts: RunParts):
-        self.parts = parts
-        self.cfg, self.env, self.run_dir, self.data = parts.cfg, parts.env, parts.run_dir, parts.data
-        self.model, self.forward, self.opt, self.bank = parts.model, parts.forward, parts.opt, parts.bank
-        self.curriculum, self.progress, self.log = parts.curriculum, parts.progress, parts.log
-        self.report, self.stop, self.owners = parts.report, parts.stop, parts.owners
-        self.ckpt_root = self.run_dir / "checkpoints" if self.run_dir else None
-        self.keep = self.cfg.checkpoint.keep
-        self.batch_size = self.cfg.train.batch_size
-        self.shard_fn = select_shard_fn(self.cfg.bank.kernel, self.env.device)   # chosen once, not per step
-        self.dtype = next(self.model.parameters()).dtype
+    """AND's rounds of epochs of steps over the components `train.build` wires."""
+    cfg: Config
+    env: Env
+    run_dir: Path | None
+    data: TrainData
+    model: torch.nn.Module           # the plain module (state, evaluation)
+    forward: torch.nn.Module         # what a step calls: the model under DDP / autocast / compile
+    opt: torch.optim.Optimizer
+    bank: ShardedBank
+    curriculum: Curriculum
+    progress: Progress
+    log: RunLog
+    report: Report
+    stop: Stop | None
+
+    def __init__(self, *, cfg: Config, env: Env, run_dir: Path | None, data: TrainData, model: torch.nn.Module,
+                 forward: torch.nn.Module, opt: torch.optim.Optimizer, bank: ShardedBank, curriculum: Curriculum,
+                 progress: Progress, log: RunLog, report: Report, stop: Stop | None):
+        self.cfg, self.env, self.run_dir, self.data = cfg, env, run_dir, data
+        self.model, self.forward, self.opt, self.bank, self.curriculum = model, forward, opt, bank, curriculum
+        self.progress, self.log, self.report, self.stop = progress, log, report, stop
+        self.ckpt_root = run_dir / "checkpoints" if run_dir else None
+        self.keep, self.batch_size = cfg.checkpoint.keep, cfg.train.batch_size
+        self.shard_fn = select_shard_fn(cfg.bank.kernel, env.device)   # chosen once, not per step
+        self.dtype = next(model.parameters()).dtype
+
+    def checkpoint_owners(self) -> dict:
+        return {"config": RunConfig(to_dict(self.cfg)), "model": self.model, "optimizer": self.opt,
+                "bank": self.bank, "curriculum": self.curriculum, "progress": self.progress, "rng": RNG(),
+                "log": self.log}
 
     def run(self) -> dict | None:
         """Train to the end (returns the summary), or until a stop signal (returns None)."""
-        cfg, p = self.cfg, self.progress
+        cfg, progress = self.cfg, self.progress
         self.start_clock()
-        p.segments += 1
-        while p.round < cfg.curriculum.rounds:
-            if p.round > 0 and p.epoch == 0 and p.step == 0:
-                self.discover()
-            while p.epoch < cfg.train.epochs_per_round:
-                if not self.train_epoch():
-                    return None
-                p.epoch, p.step = p.epoch + 1, 0
-                self.end_of_epoch()
+        progress.segments += 1
+        while progress.round < cfg.curriculum.rounds:
+            if progress.round > 0 and progress.epoch == 0 and progress.step == 0:
+                self.start_round()
+            if not self.run_epochs(cfg.train.epochs_per_round):
+                return None
             self.end_of_round()
         return self.finish()
 
-    def discover(self) -> None:
+    def start_round(self) -> None:
+        """Neighbourhood discovery over the whole bank, then this round's anchors."""
         c, r, t0 = self.cfg, self.progress.round, time.time()
         bar = self.log.bar(self.bank.n, f"round {r} discovery")
         nbhd = discover(self.bank, c.curriculum.neighbours, c.discovery.chunk, c.discovery.backend,
@@ -98,40 +98,40 @@ class Trainer(Loop):
                        seconds=time.time() - t0, step=self.progress.global_step)
         self.report.discovery(r, self.curriculum, self.data, self.progress.global_step)
 
-    def train_epoch(self) -> bool:
-        """Run the rest of the current epoch; False if a signal stopped it (after a checkpoint)."""
-        cfg, p = self.cfg, self.progress
-        self.lr = self.set_lr(lr_at(cfg, p.epoch))
-        steps = self.data.steps(p.round, p.epoch)
+    def train_epoch(self) -> EpochDone | None:
+        cfg, progress = self.cfg, self.progress
+        lr = self.set_lr(lr_at(cfg, progress.epoch))
+        steps = self.data.steps(progress.round, progress.epoch)
         self.forward.train()
         zero = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        done = self.run_steps(self.data.batches(p.round, p.epoch, p.step), steps,
-                              f"round {p.round} epoch {p.epoch}", self.step, zero)
+        done = self.run_steps(self.data.batches(progress.round, progress.epoch, progress.step), steps,
+                              f"round {progress.round} epoch {progress.epoch}", zero)
         if done is None:
-            return False
-        p.epoch_loss += done.loss_sum.item()
-        eta = done.eta(steps, cfg.train.epochs_per_round - p.epoch - 1)
-        self.log.info(f"round {p.round} epoch {p.epoch}: loss {p.epoch_loss / steps:.4f} lr {self.lr:.4g} "
+            return None
+        loss = (progress.epoch_loss + done.loss_sum.item()) / steps
+        progress.epoch_loss = 0.0
+        eta = done.eta(steps, cfg.train.epochs_per_round - progress.epoch - 1)
+        self.log.info(f"round {progress.round} epoch {progress.epoch}: loss {loss:.4f} lr {lr:.4g} "
                       f"{done.images_per_s:.0f} img/s, {describe(done.split)}, round ETA {eta / 60:.1f} min")
-        self.log.event(event="epoch", round=p.round, epoch=p.epoch, step=p.global_step, loss=p.epoch_loss / steps,
-                       lr=self.lr, seconds=done.seconds, images_per_s=done.images_per_s, **done.split)
-        p.epoch_loss = 0.0
-        return True
+        self.log.event(event="epoch", round=progress.round, epoch=progress.epoch, step=progress.global_step,
+                       loss=loss, lr=lr, seconds=done.seconds, images_per_s=done.images_per_s, **done.split)
+        return done
 
-    def interrupted(self, loss_sum: torch.Tensor) -> tuple[str, str, str]:
+    def stop_point(self, loss_sum: torch.Tensor) -> StopPoint:
         p = self.progress
         p.epoch_loss += loss_sum.item()
-        return (f"r{p.round}-e{p.epoch}-s{p.step}", f"round {p.round} epoch {p.epoch} step {p.step}",
-                "continue with resume=auto")
+        return StopPoint(f"r{p.round}-e{p.epoch}-s{p.step}", f"round {p.round} epoch {p.epoch} step {p.step}",
+                         "continue with resume=auto")
 
-    def after_step(self) -> None:
+    def after_step(self, loss: torch.Tensor) -> None:
         p = self.progress
         if p.global_step % self.cfg.log.every_steps == 0:
             self.log.event(event="step", round=p.round, epoch=p.epoch, step=p.global_step,
-                           loss=self.last_loss.item(), lr=self.lr)
+                           loss=loss.item(), lr=self.opt.param_groups[0]["lr"])
 
     def step(self, batch) -> torch.Tensor:
-        """One step; it adds no host sync (the loss stays on the device)."""
+        """One step: the loss against the bank as it was, the update, then the bank moves towards
+        this step's features. It adds no host sync (the loss stays on the device)."""
         feats = self.forward(batch.images.to(self.dtype))
         positives = self.curriculum.positives(batch.index)
         objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes, self.shard_fn)
@@ -139,27 +139,26 @@ class Trainer(Loop):
         objective.backward()
         self.opt.step()
         self.bank.update(batch.index, all_feats)
-        self.last_loss = losses.mean().double()
-        return self.last_loss
+        return losses.mean().double()
 
     def knn(self, train_feats=None) -> tuple[float, float]:
         e = self.cfg.eval
         return knn_eval(self.model, self.data, self.env, e.knn_k, e.knn_sigma, train_feats, self.dtype, self.log.bar)
 
-    def end_of_epoch(self) -> None:
+    def end_of_epoch(self, epoch: int, done: EpochDone) -> None:
         cfg, p = self.cfg, self.progress
-        every = cfg.eval.every_epochs
-        if every and (p.epoch % every == 0 or p.epoch == cfg.train.epochs_per_round):
+        finished, every = epoch + 1, cfg.eval.every_epochs
+        if every and (finished % every == 0 or finished == cfg.train.epochs_per_round):
             top1, top5 = self.knn(self.bank.rows)
             p.last_knn = [top1, top5]
             if top1 > p.best.get("knn_top1", -1.0):
-                p.best = {"knn_top1": top1, "knn_top5": top5, "round": p.round, "epoch": p.epoch - 1}
-            self.log.info(f"round {p.round} epoch {p.epoch - 1}: bank kNN top-1 {top1:.2f} top-5 {top5:.2f}")
-            self.log.event(event="knn", round=p.round, epoch=p.epoch - 1, step=p.global_step,
+                p.best = {"knn_top1": top1, "knn_top5": top5, "round": p.round, "epoch": epoch}
+            self.log.info(f"round {p.round} epoch {epoch}: bank kNN top-1 {top1:.2f} top-5 {top5:.2f}")
+            self.log.event(event="knn", round=p.round, epoch=epoch, step=p.global_step,
                            knn_top1=top1, knn_top5=top5)
         ck = cfg.checkpoint.every_epochs
-        if ck and p.epoch % ck == 0 and p.epoch < cfg.train.epochs_per_round:
-            self.save(f"r{p.round}-e{p.epoch}-s0")
+        if ck and finished % ck == 0 and finished < cfg.train.epochs_per_round:
+            self.save(f"r{p.round}-e{finished}-s0")
 
     def end_of_round(self) -> None:
         p = self.progress
