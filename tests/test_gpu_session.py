@@ -103,3 +103,27 @@ def test_the_repository_and_the_gpu_carry_stay_under_60_mib(tmp_path):
     from and_dist.data.pack import open_pack
     train, test = open_pack(str(unpacked(archive, tmp_path / "carry")), None, 2, log=lambda *_: None)
     assert (len(train), len(test)) == (50_000, 10_000)
+
+
+def test_the_profile_key_traces_steps_after_the_warm_up_into_the_run(tmp_path, capsys):
+    """log.profile_steps=2 on the CPU: a Chrome trace and a summary of the top ops in RUN/profile."""
+    import json
+    from and_dist import train
+    run = tmp_path / "run"
+    status = train.main(["--config", "demo", f"run_dir={run}", "data.demo_train=128", "data.demo_test=32",
+                         "train.batch_size=32", "curriculum.rounds=1", "train.epochs_per_round=2",
+                         "eval.every_epochs=0", "checkpoint.every_epochs=0", "eval.knn_k=5", "log.progress=false",
+                         "train.threads=1", "data.prefetch=0", "log.profile_steps=2"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    trace = json.loads((run / "profile" / "trace.json").read_text())
+    assert trace["traceEvents"]
+    summary = (run / "profile" / "summary.txt").read_text()
+    assert summary.startswith("2 steps traced after 5 of warm-up on cpu") and "top ops by self time" in summary
+    assert "Self CPU" in summary and "profile of 2 steps written to" in out
+
+
+def test_the_busy_time_is_the_union_of_the_kernels():
+    from and_dist.run.profile import busy_seconds
+    assert busy_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    assert busy_seconds([]) == 0

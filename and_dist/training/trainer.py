@@ -16,6 +16,7 @@ import torch
 from ..eval.knn import knn_eval
 from ..platform.log import RunLog, fmt
 from ..run.loop import Loop, cosine_lr, step_lr
+from ..run.profile import ProfileWindow
 from .report import Report, round_table
 from ..method.bank import ShardedBank
 from ..method.curriculum import Curriculum
@@ -67,6 +68,9 @@ class Trainer(Loop):
         self.batch_size = self.cfg.train.batch_size
         self.shard_fn = select_shard_fn(self.cfg.bank.kernel, self.env.device)   # chosen once, not per step
         self.dtype = next(self.model.parameters()).dtype
+        folder = self.run_dir / "profile" if self.run_dir and self.env.rank == 0 else None
+        self.profile = ProfileWindow(self.cfg.log.profile_steps, folder, self.env.device,
+                                     log=self.log.info if self.log else print)
 
     def run(self) -> dict | None:
         """Train to the end (returns the summary), or until a stop signal (returns None)."""
@@ -125,6 +129,7 @@ class Trainer(Loop):
                 "continue with resume=auto")
 
     def after_step(self) -> None:
+        self.profile.step()
         p = self.progress
         if p.global_step % self.cfg.log.every_steps == 0:
             self.log.event(event="step", round=p.round, epoch=p.epoch, step=p.global_step,
@@ -177,5 +182,6 @@ class Trainer(Loop):
     def finish(self) -> dict:
         """summary.json; the final kNN is the last round's (train features recomputed with test
         transforms)."""
+        self.profile.close()
         self.tick()
         return self.report.summary(self.progress, time.time() - self.clock[0])
