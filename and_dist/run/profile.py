@@ -50,7 +50,7 @@ class ProfileWindow:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.memory._record_memory_history(max_entries=100_000)
             torch.cuda.synchronize(self.device)
-        self.prof = torch.profiler.profile(activities=activities)
+        self.prof = torch.profiler.profile(activities=activities, acc_events=True)   # one cycle: no 2.11 warning
         self.prof.__enter__()
         self.t0 = time.perf_counter()
 
