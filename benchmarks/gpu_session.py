@@ -116,9 +116,11 @@ class Session:
                 self.live[(part, check)] = len(self.rows)
             self.rows.append(row)
         print(f"[{part}] {check}: {result} {status}", flush=True)
-        if self.args.child:           # what a child part measured survives its kill
-            Path(self.args.work, f"part-{part}.json").write_text(json.dumps(
+        if self.args.child:           # what a child part measured survives its kill (written whole)
+            path = Path(self.args.work, f"part-{part}.json")
+            path.with_suffix(".tmp").write_text(json.dumps(
                 {"rows": self.rows, "rates": [[*k, v] for k, v in self.rates.items()]}))
+            path.with_suffix(".tmp").replace(path)
 
     def out_file(self, suffix: str) -> Path:
         """<out>/<YYYY-MM-DD>-<device><suffix>: every file that comes back lies flat in --out."""
