@@ -165,6 +165,9 @@ class LogConfig:
     """Console, metrics.jsonl and wandb."""
     progress: bool = opt(True, "progress bars on a terminal; in a log file a line a minute for long steps")
     every_steps: int = opt(10, "a step line in metrics.jsonl every this many steps", check=AT_LEAST_ONE)
+    profile_steps: int = opt(0, "trace this many steps after a 5-step warm-up with torch.profiler into "
+                             "RUN/profile (trace.json, summary.txt; on CUDA memory.pickle); 0 = off",
+                             check=NON_NEGATIVE)
     wandb_mode: str = opt("disabled", "wandb: online (falls back to offline), offline, or disabled",
                           choices=("online", "offline", "disabled"))
     wandb_project: str = opt("and_dist", "wandb project")

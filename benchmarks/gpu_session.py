@@ -1,10 +1,11 @@
 """One prepared device session: everything the CUDA path needs checked and measured, in one call.
 
-Why one script: a device lease is short (15 minutes, 1-2 of them to start) and a machine there has
-only torch, triton, pillow, pyyaml, tqdm, matplotlib and scipy (no DALI, faiss, wandb, submitit,
-nothing downloaded), so every part runs from this working tree, generates its own data (part e
-reads CIFAR-10 carried in), and is time-boxed: a part (or an item of one) that no longer fits the
-budget is skipped with a line saying so. In order of value:
+Why one script: a device lease is short (15 minutes, 1-2 of them to start, one command at most
+600 s) and a machine there has torch, triton, pytest, pillow, pyyaml, tqdm, matplotlib and scipy
+(no DALI, faiss, wandb, submitit, nothing downloaded), so every part runs from this working tree,
+generates its own data (part e reads CIFAR-10 carried in, checked before anything else), and is
+time-boxed: a part (or an item of one) that no longer fits the budget is skipped with a line
+saying so. In order of value:
 
   a  correctness: the CUDA tests of tests/test_attention.py (with 2 GPUs tests/test_gpu.py too)
      when pytest is there, and the AND step's loss and gradient with the attention kernel and the
@@ -14,26 +15,35 @@ budget is skipped with a line saying so. In order of value:
      2 rounds, probes after training.
   c  throughput (train_throughput.run_case): trainer img/s against the model's own forward +
      backward, prefetch on and off, and the input-stall share: part e's case (resnet18_cifar
-     batch 512), AlexNet-BN 224 px on the torch loader, then part e's case compiled.
+     batch 512), a profile of it (and_dist.run.profile: top ops, the GPU's idle share), AlexNet-BN
+     224 px on the torch loader, then part e's case compiled.
   d  bank step and discovery at N = 1,281,167 (bank_step.single, discovery_scale.single): time,
      peak memory beyond the bank, anchors against the exact path on a structured bank.
   e  fidelity: configs/fidelity_cifar10_gpu.yaml (instance discrimination, ResNet-18, all of
      CIFAR-10 from --cifar, 200 epochs) through the trainer, final kNN beside the paper's 80.8.
-     Started only if part c's img/s projects it inside what is left (else the projection and what
-     would make it fit); stopped by SIGTERM before the budget ends, it leaves a resumable run.
+     Started only if part c's img/s projects it whole inside what is left (else its row names the
+     lease of its own it needs); stopped by SIGTERM before the budget ends; its metrics.jsonl and
+     row are brought to <out> every 30 s while it runs.
 
-Parts a-d share at most a third of the budget (238 s of the default 720, which fits one lease
-with its start); e gets the rest. After every part the table is written again as markdown,
-<out>/<YYYY-MM-DD>-<device>.md, with the commit, the device and the command, so a call cut short
-still leaves what it measured.
+The budget counts from the script's start. Its default, 540 s, leaves the start-up, the writing
+and a margin inside one 600 s command; parts a-d get the boxes their items need on a cold machine
+(about 410 s), so in the shared call e runs only on a fast GPU, and otherwise needs a lease of its
+own (--parts e). Parts c and d run as child processes with their part's deadline. What comes back
+in <out> (at most 4 files, flat): <date>-<device>.md (the table, rewritten after every part, with
+the commit, the device and the command), its -session.log, -profile.txt and
+-fidelity-metrics.jsonl.
 
-Run:  python benchmarks/gpu_session.py --out $OUT --commit <hash> --cifar PATH   # on the GPU, <= 12 min
-      python benchmarks/gpu_session.py --parts e --budget 600 --cifar PATH       # part e alone
-      python benchmarks/gpu_session.py --device cpu --quick --out /tmp/s         # CI smoke, < 70 s
+Run:  python3 benchmarks/gpu_session.py --out $OUT --commit <hash>                    # on the GPU
+      python3 benchmarks/gpu_session.py --parts e --out $OUT --cifar PATH             # part e alone
+      python3 benchmarks/gpu_session.py --device cpu --quick --out /tmp/s             # CI smoke
 """
 from __future__ import annotations
 
-import argparse
+import time
+
+START = time.time()           # the budget counts from here: importing torch takes up to ~20 s on a cold machine
+
+import argparse  # noqa: E402
 import datetime
 import json
 import math
@@ -46,8 +56,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
+import threading
 import types
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,26 +67,31 @@ import torch
 from common import REPO, MiB
 
 sys.path.insert(0, str(REPO))
-# pytest is not on the device machine: a copy carried in this (git-ignored) folder is used if there
-# (fill it with: cp -r <site-packages>/{pytest,_pytest,pluggy,iniconfig,packaging,py.py} .device_deps/)
-DEPS = REPO / ".device_deps"
 FULL_N = 1_281_167
 TIMEOUT = "time-out"
+COMMAND_S = 600          # the device tool's limit on one command
+MAX_BUDGET = 540         # what fits in it after the start-up, the table's writing and a margin
+RETURN_BYTES = 16 * MiB  # the largest file that comes back from the output folder
 # Share of the budget each part may use; what a part leaves unused passes to the next ones. At the
-# default 720 s: a-d 238 s together, e 482 s. --quick: tiny sizes, where the demo costs most.
-BOXES = {"a": 0.07, "b": 0.09, "c": 0.06, "d": 0.11, "e": 0.67}
-QUICK_BOXES = {"a": 0.10, "b": 0.40, "c": 0.15, "d": 0.10, "e": 0.25}
+# default 540 s: a 43 (pytest 20 + kernel checks), b 124 (demo 60 + AlexNet 60), c 146 (e's case 20,
+# its profile 25, AlexNet 224 px 40, compiled 60), d 97 (bank step 20, discovery 75), e 130. --quick:
+# tiny sizes, where the demo costs most.
+BOXES = {"a": 0.08, "b": 0.23, "c": 0.27, "d": 0.18, "e": 0.24}
+QUICK_BOXES = {"a": 0.10, "b": 0.35, "c": 0.20, "d": 0.12, "e": 0.23}
+GRACE_S = 10             # a child part gets this long past its deadline before it is killed
 
 
 class Session:
     def __init__(self, args):
         self.args, self.rows = args, []
-        self.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        self.command = "python3 " + " ".join(shlex.quote(a) for a in sys.argv)
         self.rates = {}          # (arch, batch) -> trainer img/s measured by part c (compile off)
-        self.start = time.time()
-        self.part_end = self.start
+        self.start = time.time() if args.child else START
+        self.part_end = args.deadline if args.child else self.start
         self.cuda = torch.device(args.device).type == "cuda"
         self.dev = torch.device(args.device)
+        self.carry = None        # part e's data, checked at the start (fidelity_data)
+        self.live = {}           # (part, check) -> index of a row rewritten while its item runs
 
     def left(self) -> float:
         """Seconds left to the current part (its box plus what earlier parts left unused)."""
@@ -87,24 +103,102 @@ class Session:
         self.add(part, item, f"skipped: needs ~{need:.0f} s, {max(self.left(), 0):.0f} s left in the part", None)
         return False
 
-    def add(self, part: str, check: str, result: str, ok: bool | None | str) -> None:
+    def add(self, part: str, check: str, result: str, ok: bool | None | str, live: bool = False) -> None:
         """ok: True/False for a check, None for a measurement or a skip, TIMEOUT for an item that
-        ran past its box (not a failure: it did not fit; the line says after how long)."""
+        ran past its box (not a failure: it did not fit; the line says after how long). A `live`
+        row is rewritten in place by the next add of the same (part, check)."""
         status = {True: "ok", False: "FAIL", None: ""}.get(ok, ok)
-        self.rows.append((part, check, result, status))
+        row = (part, check, result, status)
+        if (part, check) in self.live:
+            self.rows[self.live[(part, check)]] = row
+        else:
+            if live:
+                self.live[(part, check)] = len(self.rows)
+            self.rows.append(row)
         print(f"[{part}] {check}: {result} {status}", flush=True)
+        if self.args.child:           # what a child part measured survives its kill (written whole)
+            path = Path(self.args.work, f"part-{part}.json")
+            path.with_suffix(".tmp").write_text(json.dumps(
+                {"rows": self.rows, "rates": [[*k, v] for k, v in self.rates.items()]}))
+            path.with_suffix(".tmp").replace(path)
+
+    def out_file(self, suffix: str) -> Path:
+        """<out>/<YYYY-MM-DD>-<device><suffix>: every file that comes back lies flat in --out."""
+        slug = re.sub(r"[^a-z0-9]+", "-", device_name(self).lower()).strip("-")
+        path = Path(self.args.out) / f"{datetime.date.today().isoformat()}-{slug}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def timeout(self, part: str, check: str, t0: float) -> None:
         self.add(part, check, f"stopped: ran past its box after {time.time() - t0:.0f} s", TIMEOUT)
 
     def env(self) -> dict:
-        """The environment of a child process: this tree first on the path; CPU runs see no GPU."""
-        paths = (os.environ.get("PYTHONPATH", ""), str(REPO), str(DEPS) if DEPS.is_dir() else "")
+        """The environment of a child process: this tree on the path; CPU runs see no GPU."""
+        paths = (os.environ.get("PYTHONPATH", ""), str(REPO))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         if not self.cuda:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env.setdefault("OMP_NUM_THREADS", "1")
         return env
+
+
+class Child:
+    """A child process whose output is read as it comes (a full pipe would block it), kept, and
+    echoed to this session's output (and so its log) if asked."""
+
+    def __init__(self, cmd: list[str], env: dict, echo: bool = False):
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.lines, self.echo = [], echo
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if self.echo:
+                print(line, end="", flush=True)
+
+    def wait(self, timeout: float) -> bool:
+        """True if it exited within `timeout` seconds."""
+        try:
+            self.proc.wait(timeout=max(timeout, 0.1))
+        except subprocess.TimeoutExpired:
+            return False
+        self.reader.join(5)
+        return True
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.reader.join(5)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def in_child(s: Session, key: str, title: str) -> None:
+    """Part `key` in a child process with the part's deadline: a hung compile or a DataLoader
+    stuck on a small /dev/shm costs this part only, and the GPU memory it held goes with it."""
+    rows = Path(s.args.work) / f"part-{key}.json"
+    rows.unlink(missing_ok=True)
+    deadline = min(s.part_end, s.start + s.args.budget)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", key, "--deadline", repr(deadline),
+           "--device", s.args.device, "--work", s.args.work, "--out", s.args.out, "--budget", str(s.args.budget),
+           *(["--quick"] if s.args.quick else []), *(["--cifar", s.args.cifar] if s.args.cifar else [])]
+    t0 = time.time()
+    child = Child(cmd, s.env(), echo=True)
+    finished = child.wait(deadline + GRACE_S - time.time())
+    if not finished:
+        child.kill()
+    got = json.loads(rows.read_text()) if rows.exists() else {"rows": [], "rates": []}
+    s.rows += [tuple(r) for r in got["rows"]]
+    s.rates.update({(arch, batch): rate for arch, batch, rate in got["rates"]})
+    if not finished:
+        s.timeout(key, title, t0)
+    elif child.proc.returncode:
+        s.add(key, title, f"its process exited {child.proc.returncode} (output above)", False)
 
 
 def agree(got: torch.Tensor, want: torch.Tensor, tol: float) -> tuple[bool, float]:
@@ -119,8 +213,6 @@ def agree(got: torch.Tensor, want: torch.Tensor, tol: float) -> tuple[bool, floa
 
 def part_a(s: Session) -> None:
     q = s.args.quick
-    if DEPS.is_dir():
-        sys.path.append(str(DEPS))
     try:
         import pytest  # noqa: F401
         have_pytest = True
@@ -260,28 +352,25 @@ def demo_stop_resume(s: Session) -> None:
                       "curriculum.rounds=2", "train.epochs_per_round=2", "checkpoint.every_epochs=1",
                       "eval.every_epochs=0", "log.progress=false", "log.wandb_mode=disabled", f"run_dir={run}")
     t0 = time.time()
-    proc = subprocess.Popen(args, cwd=REPO, env=s.env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = run / "checkpoints" / "latest"
+    child = Child(args, s.env())
+    proc, first = child.proc, run / "checkpoints" / "latest"
     while not first.exists() and proc.poll() is None and time.time() - t0 < s.left() - 10:
         time.sleep(0.05)
     if proc.poll() is None and not first.exists():
-        proc.kill()
-        proc.communicate()
+        child.kill()
         s.timeout("b", "demo stopped by SIGTERM", t0)
         return
     if not first.exists():
-        out = proc.communicate()[0]
+        child.wait(10)
         s.add("b", "demo stopped by SIGTERM", f"ended before its first checkpoint (exit {proc.returncode})", False)
-        print(out[-3000:], flush=True)
+        print(child.output[-3000:], flush=True)
         return
     proc.send_signal(signal.SIGTERM)
-    try:
-        out = proc.communicate(timeout=max(s.left(), 10))[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+    if not child.wait(max(s.left(), 10)):
+        child.kill()
         s.timeout("b", "demo stopped by SIGTERM", t0)
         return
+    out = child.output
     stopped = proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in out
     s.add("b", "demo stopped by SIGTERM", f"exit {proc.returncode} after {time.time() - t0:.0f} s", stopped)
     t1 = time.time()
@@ -414,8 +503,35 @@ def part_c(s: Session) -> None:
               + (f", {r['syncs']:.1f} syncs/step" if s.cuda else "")
               + (target(r["ratio"], 0.9, "trainer/model", larger=True) if s.cuda and arch == "resnet18_cifar" else ""),
               None)
+        if (arch, batch) == mine[::2] and not compile_ and s.fits("c", f"profile of {what}", 5 if q else 25):
+            trace_case(s, arch, size, batch)
     if q:
         s.add("c", f"{mine[0]} compile on", "skipped: --quick (compiling takes minutes on a CPU)", None)
+
+
+def trace_case(s: Session, arch: str, size: int, batch: int) -> None:
+    """One profile window (and_dist.run.profile, as log.profile_steps takes it in a run) over the
+    trainer's step on part e's case: where the gap to the model's own speed goes. Its summary
+    comes back as <out>/...-profile.txt; the trace stays in the work folder."""
+    import train_throughput as tt
+    from and_dist.run.profile import ProfileWindow
+    q, folder = s.args.quick, Path(s.args.work) / "profile"
+    shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.time()
+    trainer, data, _, _, env = tt.build(arch, size, batch, 256 if q else 50_000, s.args.device, "auto", False,
+                                        workers=0)
+    window = ProfileWindow(2 if q else 10, folder, env.device, warmup=2 if q else 5, log=lambda *_: None)
+    for b in tt.endless(data, 0):
+        trainer.step(b)
+        window.step()
+        if window.done:
+            break
+    summary = (folder / "summary.txt").read_text()
+    shutil.copyfile(folder / "summary.txt", s.out_file("-profile.txt"))
+    head = "; ".join(line for line in summary.splitlines()[:2] if line)
+    s.add("c", f"profile of {arch} batch {batch} (trainer's step)",
+          f"{head}; top ops in {s.out_file('-profile.txt').name}, trace {folder / 'trace.json'} "
+          f"({time.time() - t0:.0f} s)", None)
 
 
 # ----------------------------------------------------------------------------------- part d
@@ -461,6 +577,11 @@ ANCHOR = "Wu et al. 2018 (NPID) ResNet-18 CIFAR-10 kNN 80.8 at 200 epochs"
 # on CUDA compiling the jitter), and from SIGTERM to its exit (the checkpoint written): estimates.
 START_S = {True: 60.0, False: 8.0}
 STOP_S = {True: 20.0, False: 5.0}
+# On CUDA the compiled jitter compiles again for the short last batch of an epoch (50,000 = 97 x 512
+# + 336): an estimate, as the start is (the jitter is compiled only on CUDA).
+RECOMPILE_S = {True: 30.0, False: 0.0}
+REFRESH_S = {True: 30.0, False: 2.0}      # e's row and metrics.jsonl brought to --out this often (CPU: 2 s)
+ALONE_S = 30.0           # what `--parts e` alone spends before e's trainer starts (imports, the img/s)
 # --quick: a tiny run of the same config on the CPU
 QUICK_E = ["model.arch=convnet_small", "train.batch_size=16", "train.epochs_per_round=2", "train.lr_first_decay=1",
            "train.lr_decay_every=1", "eval.every_epochs=1", "eval.knn_k=10", "checkpoint.every_epochs=1",
@@ -470,20 +591,48 @@ QUICK_E = ["model.arch=convnet_small", "train.batch_size=16", "train.epochs_per_
 def fidelity_config(s: Session):
     """Part e's config as it will run (part c measures its case)."""
     from and_dist.config import load_config
-    return load_config("fidelity_cifar10_gpu", QUICK_E if s.args.quick else [], check_data=False)
+    return load_config("fidelity_cifar10_gpu", e_overrides(s), check_data=False)
 
 
-def project(rate: float, epochs: int, train_n: int, test_n: int, every: int, start: float) -> float:
+def e_overrides(s: Session) -> list[str]:
+    """Part e's overrides of its config: --quick's tiny run, --e-epochs."""
+    return [*(QUICK_E if s.args.quick else []),
+            *([f"train.epochs_per_round={s.args.e_epochs}"] if s.args.e_epochs else [])]
+
+
+def project(rate: float, epochs: int, train_n: int, test_n: int, every: int, start: float, batch: int = 0,
+            sync_every: int = 0, ckpt_every: int = 0, ckpt_s: float = 0.0, once: float = 0.0) -> float:
     """Seconds part e needs: `epochs` at the trainer's img/s, its kNN passes (forward only, counted
-    at twice that rate: the test set every `every` epochs, train + test at the end), and `start`."""
+    at twice that rate: the test set every `every` epochs, train + test at the end), and `start`.
+    With the rest given, what part c's steady steps do not see: the loss read every `sync_every`
+    steps and the epoch's sync, each costed as one step of `batch` (the queue the GPU ran ahead on
+    drains); a checkpoint every `ckpt_every` epochs and one at the end, `ckpt_s` each; `once`."""
     evals = epochs // every if every else 0
-    return start + epochs * train_n / rate + (evals * test_n + train_n + test_n) / (2 * rate)
+    syncs = epochs * (math.ceil(train_n / batch) / sync_every + 1) if batch and sync_every else 0
+    ckpts = epochs // ckpt_every + 1 if ckpt_every else 0
+    return (start + epochs * train_n / rate + (evals * test_n + train_n + test_n) / (2 * rate)
+            + syncs * batch / rate + ckpts * ckpt_s + (once if epochs else 0.0))
 
 
 def fitting_epochs(rate: float, epochs: int, train_n: int, test_n: int, every: int, start: float,
-                   left: float) -> int:
+                   left: float, **more) -> int:
     """The most epochs (of `epochs`) whose projection fits in `left` seconds."""
-    return max((k for k in range(epochs + 1) if project(rate, k, train_n, test_n, every, start) <= left), default=0)
+    return max((k for k in range(epochs + 1) if project(rate, k, train_n, test_n, every, start, **more) <= left),
+               default=0)
+
+
+def checkpoint_seconds(s: Session, cfg, train_n: int) -> float:
+    """One checkpoint of part e's run timed here: its size (weights, momentum, the bank) written
+    and fsynced as the trainer writes it (platform.files.write_durable)."""
+    from and_dist.models import build_model
+    from and_dist.platform.files import write_durable
+    params = sum(p.numel() for p in build_model(cfg.model.arch, cfg.model.low_dim, cfg.data.image_size).parameters())
+    size = 4 * (2 * params + train_n * cfg.model.low_dim)
+    path, block = Path(s.args.work) / "checkpoint-timing", os.urandom(MiB)
+    t0 = time.time()
+    write_durable(path, lambda f: [f.write(block) for _ in range(math.ceil(size / MiB))])
+    path.unlink()
+    return time.time() - t0
 
 
 ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".tar")
@@ -518,21 +667,38 @@ def tiny_carry(work: Path) -> Path:
 def fidelity_data(s: Session) -> tuple[list[str], str, int, int] | str:
     """Part e's data overrides, its name and (train, test) sizes, or the line saying there is none."""
     work = Path(s.args.work)
-    if s.args.cifar is None and s.args.quick:
-        root, name = unpacked(tiny_carry(work), work / "carry"), "a tiny generated pack"
-    else:
-        root = Path(s.args.cifar).resolve() if s.args.cifar else \
-            CARRY if CARRY.exists() else REPO / "data" / "cifar10-pack"
-        name = "CIFAR-10"
-        if root.name.endswith(ARCHIVES) and root.is_file():
-            root = unpacked(root, work / "carry")
-    if (root / "pack.json").exists():
-        from and_dist.data.pack import read_manifest
-        sizes = [read_manifest(str(root))["splits"][k]["samples"] for k in ("train", "test")]
-        return ["data.source=pack", f"data.root={root}"], name, *sizes
+    from and_dist.data.pack import open_pack
+    from and_dist.platform.errors import UserError
+    carry = tiny_carry(work) if s.args.cifar is None and s.args.quick else \
+        Path(s.args.cifar).resolve() if s.args.cifar else CARRY if CARRY.exists() else REPO / "data" / "cifar10-pack"
+    name = "a tiny generated pack" if s.args.cifar is None and s.args.quick else "CIFAR-10"
+    try:
+        root = unpacked(carry, work / "carry") if carry.name.endswith(ARCHIVES) and carry.is_file() else carry
+        if (root / "pack.json").exists():       # every shard's size and sha256, and the index
+            train, test = open_pack(str(root), str(work / "cache"), 2, log=lambda *_: None)
+            return ["data.source=pack", f"data.root={root}"], name, len(train), len(test)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, UserError) as e:
+        return f"damaged carry {carry}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if (root / "train").is_dir():
         return ["data.source=imagefolder", f"data.root={root}"], name, 50_000, 10_000
-    return f"skipped: no CIFAR-10 at {root} (docs/performance.md says how to make the carry)"
+    return f"no CIFAR-10 at {carry} (docs/performance.md says how to make the carry)"
+
+
+def alone(cuda: bool, need: float, rate: float, epochs: int, train_n: int, test_n: int, every: int,
+          more: dict) -> str:
+    """What part e needs instead: a lease of its own (`--parts e` with a budget that fits one
+    command), with fewer epochs where even that is too short."""
+    room = MAX_BUDGET - ALONE_S
+    if need <= room:
+        return f"run it alone with --parts e --budget {min(MAX_BUDGET, math.ceil((need + ALONE_S) / 10) * 10)}"
+    k = fitting_epochs(rate, epochs, train_n, test_n, every, START_S[cuda], room - STOP_S[cuda], **more)
+    return (f"too long for one {COMMAND_S} s command; " + (f"run it alone with --parts e --budget {MAX_BUDGET} "
+            f"--e-epochs {k} ({k} epochs fit)" if k else "not even one epoch fits one command"))
+
+
+def knn_so_far(run: Path) -> str:
+    knn = _events(run, "knn")
+    return f"last bank kNN top-1 {knn[-1]['knn_top1']:.1f} after {knn[-1]['epoch'] + 1} epochs" if knn else "no kNN yet"
 
 
 def part_e(s: Session) -> None:
@@ -540,7 +706,7 @@ def part_e(s: Session) -> None:
     cfg = fidelity_config(s)
     arch, batch, epochs, every = cfg.model.arch, cfg.train.batch_size, cfg.train.epochs_per_round, cfg.eval.every_epochs
     what = f"fidelity: instance (NPID) {arch}, {epochs} epochs, batch {batch}" + (" bf16" if s.cuda else "")
-    data = fidelity_data(s)
+    data = s.carry or fidelity_data(s)
     if isinstance(data, str):
         s.add("e", what + ", CIFAR-10", data, None)
         return
@@ -555,34 +721,49 @@ def part_e(s: Session) -> None:
         rate = tt.run_case(arch, cfg.data.image_size, batch, 50_000 if not q else 256, s.args.device, "auto", False,
                            2, 1 if q else 10, warmup=1 if q else 3, workers=0)["trainer"]
         source = "measured in part e"
+    ckpt_s = checkpoint_seconds(s, cfg, train_n)
+    more = dict(batch=batch, sync_every=cfg.log.every_steps, ckpt_every=cfg.checkpoint.every_epochs, ckpt_s=ckpt_s,
+                once=RECOMPILE_S[s.cuda] if train_n % batch else 0.0)
     start, stop, left = START_S[s.cuda], STOP_S[s.cuda], s.left()
-    need = project(rate, epochs - done, train_n, test_n, every, start) + stop
-    basis = (f"{epochs - done} epochs at {rate:.0f} img/s ({source}) + kNN passes + ~{start:.0f} s start "
-             f"+ {stop:.0f} s to stop")
+    need = project(rate, epochs - done, train_n, test_n, every, start, **more) + stop
+    basis = (f"{epochs - done} epochs at {rate:.0f} img/s ({source}) + kNN passes + a sync every "
+             f"{cfg.log.every_steps} steps + checkpoints of {ckpt_s:.1f} s" + (f" + {more['once']:.0f} s recompile"
+             if more["once"] else "") + f" + ~{start:.0f} s start + {stop:.0f} s to stop")
     if need > left:
-        k = fitting_epochs(rate, epochs, train_n, test_n, every, start, left - stop)
-        s.add("e", what, f"skipped: needs ~{need:.0f} s ({basis}), {max(left, 0):.0f} s left: run it alone with "
-              f"--parts e --budget {math.ceil((need + 30) / 10) * 10}"
-              + (f", or set train.epochs_per_round={k}" if 0 < k < epochs and not done else ""), None)
+        s.add("e", what, f"skipped: needs ~{need:.0f} s ({basis}), {max(left, 0):.0f} s left: "
+              + alone(s.cuda, need, rate, epochs - done, train_n, test_n, every, more), None)
         return
     args = _train_cmd("--config", "fidelity_cifar10_gpu", *overrides, f"train.device={s.args.device}",
-                      *(QUICK_E if q else []), *([] if s.cuda else ["train.precision=fp32"]),
+                      *e_overrides(s), *([] if s.cuda else ["train.precision=fp32"]),
                       f"data.cache_dir={Path(s.args.work) / 'cache'}", "log.progress=false",
                       *([] if q else [f"data.workers={os.cpu_count()}"]),
                       "log.wandb_mode=disabled", f"run_dir={run}")
-    again = "python " + shlex.join([*args[1:], "resume=auto"])
+    again = "python3 " + shlex.join([*args[1:], "resume=auto"])
     if not resume:
         fresh(run)
     s.add("e", "fidelity run " + ("resumed" if resume else "started"),
           f"projected ~{need:.0f} s ({basis}) of {left:.0f} s left; run {run}", None)
     write_table(s)
-    t0 = time.time()
+    t0 = seen = time.time()
     deadline = s.start + s.args.budget - stop
+    metrics = s.out_file("-fidelity-metrics.jsonl")
+
+    def bring_back() -> None:
+        """e's metrics.jsonl and a row of its progress into --out, so a call cut short keeps them."""
+        if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size < RETURN_BYTES:
+            shutil.copyfile(run / "metrics.jsonl", metrics)
+        s.add("e", "fidelity run so far", f"{len(_events(run, 'epoch'))} of {epochs} epochs after "
+              f"{time.time() - t0:.0f} s, {knn_so_far(run)}; every epoch in {metrics.name}", None, live=True)
+        write_table(s)
+
     with open(Path(s.args.work) / "fidelity.log", "a") as log:
         proc = subprocess.Popen([*args, *(["resume=auto"] if resume else [])], cwd=REPO, env=s.env(), text=True,
                                 stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None and time.time() < deadline:
             time.sleep(0.1 if q else 1.0)
+            if time.time() - seen >= REFRESH_S[s.cuda]:
+                bring_back()
+                seen = time.time()
         stopped = proc.poll() is None
         if stopped:
             proc.send_signal(signal.SIGTERM)
@@ -591,23 +772,22 @@ def part_e(s: Session) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    bring_back()
     wall = time.time() - t0
     ok, figures = _epochs_summary(run)
     now = len(_events(run, "epoch"))
-    knn = _events(run, "knn")
-    last = f"last bank kNN top-1 {knn[-1]['knn_top1']:.1f} after {knn[-1]['epoch'] + 1} epochs" if knn else "no kNN yet"
     if proc.returncode == 0 and (run / "summary.json").exists():
         final = json.loads((run / "summary.json").read_text())["final_knn_top1"]
         s.add("e", what, f"final kNN top-1 {final:.1f} (k={cfg.eval.knn_k}, sigma {cfg.eval.knn_sigma:g}) beside "
               f"{ANCHOR}; {now} of {epochs} epochs ({now - done} in {wall:.0f} s wall; {figures})", ok)
     elif stopped and proc.returncode == 128 + signal.SIGTERM:
         s.add("e", what, f"stopped by SIGTERM before the budget's end: {now} of {epochs} epochs ({now - done} in "
-              f"{wall:.0f} s), {last} (anchor: {ANCHOR}); resume with --parts e and the same --work, or: {again}",
-              TIMEOUT)
+              f"{wall:.0f} s), {knn_so_far(run)} (anchor: {ANCHOR}); resume on this machine with --parts e and "
+              f"the same --work, or: {again}", TIMEOUT)
     else:
         why = f"did not exit within {2 * stop:.0f} s of SIGTERM (killed)" if stopped else f"exit {proc.returncode}"
-        s.add("e", what, f"{why} after {now} of {epochs} epochs ({now - done} in {wall:.0f} s), {last}; log "
-              f"{Path(s.args.work) / 'fidelity.log'}", False)
+        s.add("e", what, f"{why} after {now} of {epochs} epochs ({now - done} in {wall:.0f} s), {knn_so_far(run)}; "
+              f"log {Path(s.args.work) / 'fidelity.log'}", False)
         print((Path(s.args.work) / "fidelity.log").read_text()[-4000:], flush=True)
 
 
@@ -636,10 +816,7 @@ def commit(given: str) -> str:
 
 def write_table(s: Session, final: bool = False) -> Path:
     """The markdown table of every row so far (rewritten after each part); `final` also prints it."""
-    name = device_name(s)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    path = Path(s.args.out) / f"{datetime.date.today().isoformat()}-{slug}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    name, path = device_name(s), s.out_file(".md")
     lines = [f"# Device session {datetime.date.today().isoformat()}: {name}", "",
              f"- commit: `{commit(s.args.commit)}`", f"- device: {name}, torch {torch.__version__}"
              + (f", CUDA {torch.version.cuda}" if s.cuda else ""),
@@ -655,28 +832,74 @@ def write_table(s: Session, final: bool = False) -> Path:
     return path
 
 
-def main() -> int:
+class Tee:
+    """Writes to the console and to the session's log in --out (only that folder and the output's
+    last 12,000 characters come back from the device)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the CPU smoke test of every part")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 720, quick 60)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of the markdown table")
+    ap.add_argument("--budget", type=float, default=None, help=f"seconds for all parts, counted from the start "
+                    f"(default {MAX_BUDGET}: one {COMMAND_S} s device command; quick 90)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of the table, the log, e's "
+                    "metrics and c's profile (what comes back from the device)")
     ap.add_argument("--work", default=None, help="folder for generated data and runs (default: a temp folder)")
     ap.add_argument("--commit", default="", help="commit hash to record (default: git rev-parse HEAD)")
     ap.add_argument("--parts", default="abcde", help="which parts to run, e.g. e")
     ap.add_argument("--cifar", default=None, help="part e's CIFAR-10: the carry (a .tar.gz of a pack), a pack "
                     "(pack.json) or an ImageFolder tree (train/); default data/cifar10-pack.tar.gz, else "
                     "data/cifar10-pack; with --quick a generated tiny pack")
-    args = ap.parse_args()
+    ap.add_argument("--e-epochs", type=int, default=0, help="part e's epochs (default the config's 200)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)          # run this one part (in_child)
+    ap.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    args.budget = args.budget or (60.0 if args.quick else 720.0)
+    args.budget = args.budget or (90.0 if args.quick else float(MAX_BUDGET))
     args.work = args.work or tempfile.mkdtemp(prefix="gpu_session-")
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     s = Session(args)
+    if args.child:
+        dict((k, fn) for k, _, fn in PARTS)[args.child](s)
+        return 0
+    with open(s.out_file("-session.log"), "a") as log:
+        sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+        try:
+            return run_parts(s)
+        finally:
+            sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
+
+
+def run_parts(s: Session) -> int:
+    args = s.args
+    if args.budget > MAX_BUDGET:
+        print(f"warning: --budget {args.budget:.0f} s cannot fit one {COMMAND_S} s device command with the "
+              f"start-up, the writing and e's stop: use at most {MAX_BUDGET}", flush=True)
     print(f"device {device_name(s)}, torch {torch.__version__}, budget {args.budget:.0f} s, work {args.work}", flush=True)
+    if "e" in args.parts:           # the carry refused in seconds, before any GPU work
+        s.carry = fidelity_data(s)
+        if isinstance(s.carry, str):
+            print(f"error: part e's data: {s.carry}", file=sys.stderr, flush=True)
+            return 3
     for key, title, fn in PARTS:
         s.part_end += (QUICK_BOXES if args.quick else BOXES)[key] * args.budget
         if key not in args.parts:
@@ -687,11 +910,16 @@ def main() -> int:
             continue
         t0 = time.time()
         try:
-            fn(s)
+            if key in "cd":
+                in_child(s, key, title)
+            else:
+                fn(s)
         except Exception as e:  # noqa: BLE001 - one part's failure must not cost the others' results
             s.add(key, title, f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False)
             import traceback
             traceback.print_exc()
+        if s.cuda:
+            torch.cuda.empty_cache()       # what part d's discovery reserved is not held through e
         print(f"[{key}] {title}: {time.time() - t0:.0f} s", flush=True)
         write_table(s)
     write_table(s, final=True)

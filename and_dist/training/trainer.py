@@ -23,6 +23,7 @@ from ..method.loss import and_loss
 from ..platform.dist import Env
 from ..platform.log import RunLog, fmt
 from ..run.loop import EpochDone, Loop, StopPoint, cosine_lr, step_lr
+from ..run.profile import ProfileWindow
 from ..run.step_timer import describe
 from ..run.stop import Stop
 from .report import Report, round_table
@@ -64,6 +65,8 @@ class Trainer(Loop):
         self.keep, self.batch_size = cfg.checkpoint.keep, cfg.train.batch_size
         self.shard_fn = select_shard_fn(cfg.bank.kernel, env.device)   # chosen once, not per step
         self.dtype = next(model.parameters()).dtype
+        folder = run_dir / "profile" if run_dir and env.rank == 0 else None
+        self.profile = ProfileWindow(cfg.log.profile_steps, folder, env.device, log=log.info if log else print)
 
     def checkpoint_owners(self) -> dict:
         return {"config": RunConfig(to_dict(self.cfg)), "model": self.model, "optimizer": self.opt,
@@ -124,6 +127,7 @@ class Trainer(Loop):
                          "continue with resume=auto")
 
     def after_step(self, loss: torch.Tensor) -> None:
+        self.profile.step()
         p = self.progress
         if p.global_step % self.cfg.log.every_steps == 0:
             self.log.event(event="step", round=p.round, epoch=p.epoch, step=p.global_step,
@@ -176,5 +180,6 @@ class Trainer(Loop):
     def finish(self) -> dict:
         """summary.json; the final kNN is the last round's (train features recomputed with test
         transforms)."""
+        self.profile.close()
         self.tick()
         return self.report.summary(self.progress, time.time() - self.clock[0])
