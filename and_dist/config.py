@@ -4,8 +4,8 @@ dotted `a.b=value` overrides, and validation before any work starts.
 Parsing and type checking are generic (typed.py), so adding a section or a field is one line
 with its help; choices come from the modules that own them (data sources and loaders,
 architectures, kernels). Mistakes, invalid combinations included, fail before any work with a
-one-line message naming the key (exit status 2). `python -m and_dist.config` prints the key
-table the README carries.
+one-line message naming the key (exit status 2). tools/docs.py writes the key table of
+docs/config.md from the fields' helps.
 """
 from __future__ import annotations
 
@@ -339,23 +339,6 @@ def config_or_exit(argv: list[str] | None = None) -> Config:
     return user_error_exit(parse_args, argv)
 
 
-def key_table(obj=None, prefix: str = "") -> str:
-    """The README's key table (markdown), one row per config key, from the schema's helps."""
-    from dataclasses import fields, is_dataclass
-    obj = Config() if obj is None else obj
-    rows = [] if prefix else ["| key | default | what it does |", "| --- | --- | --- |"]
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            rows.append(key_table(value, f"{prefix}{f.name}."))
-            continue
-        choices = f.metadata.get("choices")
-        text = f.metadata.get("help", "") + (f" (one of {', '.join(choices)})" if choices else "")
-        default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-        rows.append(f"| `{prefix}{f.name}` | `{default}` | {text.replace('<', '&lt;')} |")
-    return "\n".join(rows)
-
-
 def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 
@@ -373,29 +356,3 @@ def config_from_dict(d: dict) -> Config:
     merge(cfg, d)
     check_fields(cfg)
     return cfg
-
-
-TABLE_START, TABLE_END = "<!-- key table: python -m and_dist.config --write docs/config.md -->", "<!-- end of key table -->"
-
-
-def replace_block(text: str, start: str, end: str, block: str) -> str:
-    """`text` with what lies between the markers `start` and `end` replaced by `block` (the
-    generated parts of the docs)."""
-    head, sep, rest = text.partition(start)
-    _, sep2, tail = rest.partition(end)
-    if not (sep and sep2):
-        raise ValueError(f"no markers {start} ... {end}")
-    return f"{head}{start}\n{block}\n{end}{tail}"
-
-
-def with_key_table(text: str) -> str:
-    """`text` (docs/config.md) with the key table between its markers regenerated."""
-    return replace_block(text, TABLE_START, TABLE_END, key_table())
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write"]:
-        doc = Path(sys.argv[2])
-        doc.write_text(with_key_table(doc.read_text()))
-    else:
-        print(key_table())

@@ -17,8 +17,7 @@ What is checked, for each command that names one of this project's entry points:
   check_data=False, so data roots need not exist here): for train the named config (default
   demo), and a data.root must be given where the config's source needs one; for evaluate and
   probe, which start from a run's own config, the schema's defaults stand in for it (through
-  evaluate.configure / probe.configure themselves). `python -m and_dist.config` takes nothing
-  or `--write FILE`.
+  evaluate.configure / probe.configure themselves).
 * `torchrun ...` and `python -m torch.distributed.run ...`: torchrun's own flags through
   torch's parser, then the module or script it starts, as above.
 * `python launch/slurm.py ...`: its parser, then launch/slurm.py's own make_plan (config,
@@ -26,7 +25,7 @@ What is checked, for each command that names one of this project's entry points:
   command that would submit (no `--dry-run`) must also name a data.root where one is needed.
 * `python tools/X.py`, `python benchmarks/X.py`, any `python some/file.py`: the file exists; a
   script with an argparse parser has its flags checked the same way (run with runpy up to its
-  parse, nothing after); tools/layout.py takes nothing or `--write FILE`.
+  parse, nothing after); tools/docs.py takes nothing or `--write FILE...`.
 * `make TARGET`: the target exists in the Makefile.
 
 Placeholders: a token that is ALL-CAPS (letters, digits, `_`, optionally an extension: RUN,
@@ -434,12 +433,12 @@ def check_probe(ns) -> list[str]:
 
 
 def check_write_only(what: str, args: list[str]) -> list[str]:
-    """`python -m and_dist.config` and tools/layout.py: nothing, or --write FILE."""
+    """tools/docs.py: nothing, or --write FILE..."""
     if not args:
         return []
-    if len(args) == 2 and args[0] == "--write":
-        return [] if is_placeholder(args[1]) or (REPO / args[1]).is_file() else [f"--write {args[1]}: no such file"]
-    return [f"{what} takes no arguments or --write FILE; got {' '.join(args)}"]
+    if len(args) >= 2 and args[0] == "--write":
+        return [f"--write {f}: no such file" for f in args[1:] if not (is_placeholder(f) or (REPO / f).is_file())]
+    return [f"{what} takes no arguments or --write FILE...; got {' '.join(args)}"]
 
 
 MODULES = {                   # module -> what its namespace is checked with (None: the parser only)
@@ -466,8 +465,6 @@ def check_module(name: str, args: list[str]) -> list[str]:
         if importlib.util.find_spec(f"{name}.__main__") is None:
             return [f"{name} is a package without __main__: python -m {name} cannot run it"]
         name = f"{name}.__main__"
-    if name == "and_dist.config":
-        return check_write_only("python -m and_dist.config", args)
     module = importlib.import_module(name)
     if name not in MODULES and not (hasattr(module, "main") and "ArgumentParser" in inspect.getsource(module)):
         return [f"{name} is no entry point tests/test_docs.py knows (add it to MODULES)"]
@@ -536,8 +533,8 @@ def check_script(path: str, args: list[str]) -> list[str]:
     file = file.resolve()
     if file == (REPO / "launch" / "slurm.py").resolve():
         return check_slurm(args)
-    if file == (REPO / "tools" / "layout.py").resolve():
-        return check_write_only("tools/layout.py", args)
+    if file == (REPO / "tools" / "docs.py").resolve():
+        return check_write_only("tools/docs.py", args)
     source = file.read_text(encoding="utf-8")
     if "ArgumentParser" not in source and "config_or_exit" not in source:
         return []                                    # no parser to ask: that the file exists is all
@@ -851,13 +848,13 @@ cd /work && PYTHONPATH=$PWD .venv/bin/python -m and_dist.evaluate all --checkpoi
 python -m and_dist.probe --checkpoint RUN [--config FILE] [probe.epochs=N probe.layers=[conv1,conv5]]
 python -m and_dist.prepare /data/in /data/out --shorter-side N [--workers=N] [--labels FILE ...]
 python -m and_dist.train --config cub200_resnet18 data.root=/data/cub200 resume=RUN_DIR/checkpoints/r0-end
-python -m and_dist.train --help; python -m and_dist.config --write docs/config.md
+python -m and_dist.train --help; python tools/docs.py --write docs/config.md
 python -m torch.distributed.run --nproc_per_node=2 -m and_dist.train --config demo curriculum.rounds=N KEY=VALUE
 python launch/slurm.py --config imagenet_alexnet --nodes N --gpus-per-node 8 --dry-run --then probe
 python launch/slurm.py --config cifar10_resnet18 --sweep train.lr=0.01,0.03 --container-image=/path/x.sqsh
 python benchmarks/gpu_session.py --commit $(git rev-parse HEAD) --device cpu --quick --out /tmp/s
 python tools/raw_pixel_knn.py --config demo eval.knn_k=20
-python tools/layout.py --write docs/design.md
+python tools/docs.py --write docs/design.md docs/config.md
 docker build -t and_dist:gpu . && git status
 ```
 """
