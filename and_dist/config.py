@@ -17,14 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from .platform import files
-from .data import LOADERS, MAX_CACHED_SIZE, SOURCES, check_pack_options, check_root
-from .data.layout import check_layout_keys, find_file
-from .platform.errors import UserError
-from .method.attention import KERNELS as BANK_KERNELS
-from .method.curriculum import METHODS
-from .method.discovery import BACKENDS, KERNELS, PRECISIONS, check_choice
+from .data.sources import LOADERS, MAX_CACHED_SIZE, SOURCES, check_pack_options, check_root
+from .method.choices import BACKENDS, BANK_KERNELS, DISCOVERY_KERNELS, METHODS, PRECISIONS, check_choice
 from .models import ARCHS
+from .platform import files
+from .platform.errors import UserError
 from .platform.typed import (AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, PROBABILITY, SCALE_RANGE,
                              ConfigError, apply_override, check_fields, describe, merge, opt, yaml_load)
 
@@ -107,7 +104,7 @@ class DiscoveryConfig:
     chunk: int | str = opt("auto", "bank rows per similarity block; auto: sized from free memory",
                            check=AUTO_OR_POSITIVE)
     kernel: str = opt("auto", "entropy + neighbours; auto: fused on CUDA with Triton (attention with faiss), "
-                      "else exact", choices=KERNELS)
+                      "else exact", choices=DISCOVERY_KERNELS)
     precision: str = opt("auto", "similarities; auto: bf16x3 with the fused kernel (fp32-accurate), else fp32",
                          choices=PRECISIONS)
 
@@ -238,23 +235,17 @@ class Config:
 def validate(cfg: Config, check_data: bool = True) -> None:
     """Check types, choices, ranges, combinations, the data root (unless `check_data` is off:
     a launcher's dry run on a host without the data) and the resume path; raise ConfigError."""
+    from .data.layout import check_layout_keys        # reads label files: numpy and PIL, not at import
     check_fields(cfg)
-    if check_data:
-        try:
-            check_root(cfg.data.source, cfg.data.root, cfg.data.download)
-            check_layout_keys(cfg.data)
-        except UserError as e:
-            raise ConfigError(str(e)) from None
-    d = cfg.data
-    try:
+    d, c = cfg.data, cfg.discovery
+    try:                          # the owners' checks raise UserError: here each is a config error
+        if check_data:
+            check_root(d.source, d.root, d.download)
+            check_layout_keys(d)
         check_pack_options(d)
-    except UserError as e:
-        raise ConfigError(str(e)) from None
-    if d.loader != "cached" and d.source not in ("imagefolder", "pack"):
-        raise ConfigError(f"data.loader={d.loader} streams an ImageFolder tree or a pack (data.source=imagefolder "
-                          f"or pack); data.source={d.source} is read into memory: use data.loader=cached")
-    try:
-        c = cfg.discovery
+        if d.loader != "cached" and d.source not in ("imagefolder", "pack"):
+            raise UserError(f"data.loader={d.loader} streams an ImageFolder tree or a pack (data.source=imagefolder "
+                            f"or pack); data.source={d.source} is read into memory: use data.loader=cached")
         check_choice(c.kernel, c.precision, c.backend, "cpu" if cfg.train.device == "cpu" else "")
     except UserError as e:
         raise ConfigError(str(e)) from None
@@ -314,6 +305,7 @@ def load_config(config: str, overrides: list[str], base: Config | None = None, c
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     if cfg.init_from:    # as data.root: relative to the launch directory, stored absolute
         cfg.init_from = os.path.abspath(os.path.expanduser(cfg.init_from))
+    from .data.layout import find_file
     for key in ("classes", "val_labels", "val_ids"):   # absolute too (a shipped list: its path in configs/)
         setattr(cfg.data, key, find_file(getattr(cfg.data, key)))
     validate(cfg, check_data)

@@ -12,6 +12,7 @@ import torch
 
 from ..platform.errors import UserError
 from .cached import ImageSet
+from .sources import OFFICIAL_FILES
 
 URLS = {
     "cifar10": ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"],
@@ -19,13 +20,6 @@ URLS = {
     "svhn": ["http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
              "http://ufldl.stanford.edu/housenumbers/test_32x32.mat"],
 }
-# source -> (entries under data.root, what they are)
-REQUIRED = {
-    "cifar10": (["cifar-10-batches-py/"], "the official CIFAR-10 python download"),
-    "cifar100": (["cifar-100-python/"], "the official CIFAR-100 python download"),
-    "svhn": (["train_32x32.mat", "test_32x32.mat"], "the official SVHN .mat files"),
-}
-
 
 def load_official(source: str, root: str, download: bool, log) -> tuple[ImageSet, ImageSet]:
     if download:
@@ -93,7 +87,7 @@ def _download(source: str, root: str, log) -> None:
                 urllib.request.urlretrieve(url, tmp)
             except (urllib.error.URLError, OSError) as e:
                 raise UserError(f"data.download: cannot fetch {url} ({getattr(e, 'reason', e)}); "
-                                f"put {REQUIRED[source][1]} under {root} and set data.download=false") from None
+                                f"put {OFFICIAL_FILES[source][1]} under {root} and set data.download=false") from None
             os.replace(tmp, dest)
         if dest.endswith(".tar.gz"):
             with tarfile.open(dest, "r:gz") as tar:

@@ -32,9 +32,10 @@ import torch
 from ..platform.errors import UserError
 from ..platform.log import progress_bar
 from .base import SplitInfo
+from .sources import PACK_MANIFEST
 
 FORMAT, VERSION = "and_dist pack", 1
-MANIFEST = "pack.json"
+MANIFEST = PACK_MANIFEST
 SPLITS = ("train", "test")
 HASH_BLOCK = 8 << 20
 
@@ -45,10 +46,6 @@ def index_name(split: str) -> str:
 
 def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:05d}.tar"
-
-
-def is_pack(root: str) -> bool:
-    return bool(root) and os.path.isfile(os.path.join(root, MANIFEST))
 
 
 def read_manifest(root: str) -> dict:

@@ -128,9 +128,6 @@ def combine_entropy(lse: torch.Tensor, mean_logit: torch.Tensor) -> torch.Tensor
     return total - (torch.exp(lse - total) * mean_logit).sum(0)
 
 
-KERNELS = ("auto", "exact", "attention")
-
-
 def select_shard_fn(kernel: str, device: torch.device):
     """bank.kernel -> the per-shard function: auto = attention on CUDA, exact on CPU."""
     if kernel == "attention" or (kernel == "auto" and torch.device(device).type == "cuda"):

@@ -40,9 +40,6 @@ def positive_sets(idx: torch.Tensor, anchor: torch.Tensor | None,
     return torch.cat([idx[:, None], nbrs], dim=1)
 
 
-METHODS = ("and", "instance")     # instance: the equal-budget baseline, no anchors
-
-
 class Curriculum:
     """This round's neighbourhood and anchors (None in round 0); a checkpoint owner."""
 

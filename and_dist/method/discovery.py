@@ -26,9 +26,7 @@ from ..platform.errors import UserError
 from .attention import attention_entropy, triton_available
 from .bank import ShardedBank
 
-KERNELS = ("auto", "exact", "attention", "fused")
-PRECISIONS = ("auto", "fp32", "bf16x3", "bf16")
-BACKENDS = ("torch", "faiss")
+from .choices import check_choice
 
 
 @dataclass
@@ -141,20 +139,6 @@ def _ring_slices(bank: ShardedBank):
 
 def fused_available(device) -> bool:
     return triton_available(device, "fused_discovery")
-
-
-def check_choice(kernel: str, precision: str, backend: str, device_type: str = "") -> None:
-    """Reject the combinations no kernel implements (one line each): in config validation, where
-    the device may be unknown (`device_type` ""), and again once `auto` is resolved."""
-    if kernel == "fused" and backend == "faiss":
-        raise UserError("discovery.kernel=fused finds neighbours itself; use backend=torch, "
-                        "or kernel=attention with faiss")
-    if kernel == "fused" and device_type == "cpu":
-        raise UserError("discovery.kernel=fused needs a CUDA device and Triton; use discovery.kernel=auto")
-    maybe_fused = kernel == "fused" or (kernel == "auto" and backend != "faiss" and device_type != "cpu")
-    if precision == "bf16x3" and not maybe_fused:
-        shown = kernel if kernel != "auto" else ("attention" if backend == "faiss" else "exact")
-        raise UserError(f"discovery.precision=bf16x3 is the fused kernel's; kernel {shown} takes fp32 or bf16")
 
 
 def choose(kernel: str, precision: str, backend: str, device) -> tuple[str, str]:

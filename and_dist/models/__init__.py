@@ -1,50 +1,19 @@
-"""The registry of backbones (`ARCHS`, the config's choices) and the L2-normalised embedding head.
+"""The backbones: `ARCHS` (the config's choices) here, the models and `build_model` in their
+modules, loaded with torch on first use, so the config and the launcher read ARCHS without torch.
 
 All architectures are written here: torchvision is pinned for GPU clusters but never imported
 (its CPU-machine wheel is a CUDA build that cannot load next to CPU torch)."""
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import importlib
 
-from .alexnet import AlexNetBN
-from .alexnet_tv import TorchvisionAlexNet
-from .convnet import SmallConvNet
-from .global_bn import GlobalBatchNorm, convert_global_bn
-from .resnet import BasicBlock, Bottleneck, ResNetTrunk
-
-__all__ = ["ARCHS", "EmbeddingNet", "build_model", "AlexNetBN", "GlobalBatchNorm", "convert_global_bn"]
+ARCHS = ("resnet18_cifar", "resnet18", "resnet50", "alexnet_bn", "alexnet", "convnet_small", "convnet_gn")
+_HOME = {"EmbeddingNet": "build", "build_model": "build", "AlexNetBN": "alexnet",
+         "GlobalBatchNorm": "global_bn", "convert_global_bn": "global_bn"}
+__all__ = ["ARCHS", *_HOME]
 
 
-class EmbeddingNet(nn.Module):
-    """Trunk + linear head, output L2-normalised (AND compares embeddings by cosine)."""
-
-    def __init__(self, backbone: nn.Module, feat_dim: int, low_dim: int = 128):
-        super().__init__()
-        self.backbone = backbone
-        self.feat_dim = feat_dim
-        self.head = nn.Linear(feat_dim, low_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(x)), dim=1)
-
-
-_BUILDERS = {  # name -> (image_size -> backbone)
-    "resnet18_cifar": lambda size: ResNetTrunk(BasicBlock, [2, 2, 2, 2], cifar=True),
-    "resnet18": lambda size: ResNetTrunk(BasicBlock, [2, 2, 2, 2]),
-    "resnet50": lambda size: ResNetTrunk(Bottleneck, [3, 4, 6, 3]),
-    "alexnet_bn": lambda size: AlexNetBN(size),
-    "alexnet": lambda size: TorchvisionAlexNet(size),   # torchvision's layout, no batch norm
-    "convnet_small": lambda size: SmallConvNet("batch"),
-    "convnet_gn": lambda size: SmallConvNet("group"),
-}
-ARCHS = tuple(_BUILDERS)
-
-
-def build_model(arch: str, low_dim: int = 128, image_size: int = 224) -> EmbeddingNet:
-    """Build ``EmbeddingNet`` for ``arch`` (one of ``ARCHS``) and square inputs of ``image_size``."""
-    if arch not in _BUILDERS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    backbone = _BUILDERS[arch](image_size)
-    return EmbeddingNet(backbone, backbone.feat_dim, low_dim)
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)

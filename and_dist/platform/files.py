@@ -8,7 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import xxhash
 
 CHECKSUM = "xxh3_64"         # ~10 GB/s on one core; xxhash comes with wandb
@@ -105,6 +104,7 @@ def write_text(path: str | os.PathLike, text: str) -> dict:
 
 
 def torch_save(obj, path: str | os.PathLike) -> dict:
+    import torch          # here, not at import: the config and the launcher write files without torch
     return _publish(Path(path), lambda f: torch.save(obj, f))
 
 
