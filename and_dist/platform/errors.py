@@ -25,12 +25,16 @@ def exit_status(e: BaseException, env, run_dir=None) -> int:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    from .flight import dump
     from .stall import end_silent, explain     # a wait on another rank that failed: name that rank
     line = explain(e, env.rank)
     record_for_torchrun(e)
+    traces = dump(env.rank, env.world) if env.world > 1 else None   # every failing rank's collectives
     status = 1 if line is None else EXIT_STALLED
     if line is None:
         line = str(e) if getattr(e, "one_line", False) else f"{type(e).__name__}: {e}"
+    elif traces is not None:
+        line += f"; collective traces in {traces} (torchfrtrace {traces} -p rank_)"
     print(f"[rank {env.rank}] error: {line}", file=sys.stderr, flush=True)
     end_silent()                          # after the line: the launcher may end this rank next
     text = traceback.format_exc()

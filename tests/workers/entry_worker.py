@@ -1,10 +1,11 @@
 """Worker for tests/test_torchrun_errors.py, run as `torchrun ... tests/workers/entry_worker.py
-LINGER TIMEOUT`: an entry point's Session (train, probe and evaluate share it) where rank 1 raises while
+LINGER TIMEOUT RUN`: an entry point's Session (train, probe and evaluate share it) where rank 1 raises while
 rank 0 waits in a collective; rank 1 then takes LINGER more seconds to exit (a slow teardown), so
 rank 0 may end first, by its train.collective_timeout of TIMEOUT seconds."""
 import atexit
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from and_dist.run.entry import Session
 
 
 def body(session: Session) -> int:
+    session.lock(Path(sys.argv[3]))        # the run directory: errors.log and comm_traces/ go there
     if session.env.rank == 1:
         time.sleep(1)                      # rank 0 is in its collective by then
         atexit.register(time.sleep, float(sys.argv[1]))
