@@ -46,6 +46,7 @@ from .config import load_config
 from .platform import files
 from .platform.cluster import placement
 from .platform.errors import UserError
+from .platform.version import describe
 from .run.entry import main_rank, user_error_exit
 from .run.stop import exits_on_stop
 
@@ -218,16 +219,34 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_code(run: Path) -> dict | None:
+    """The code version that finished the run (its summary.json; None for a run from before it was recorded)."""
+    return json.loads((run / "summary.json").read_text()).get("code")
+
+
+def code_lines(runs: list[dict]) -> str:
+    """The code the runs were made with: one line when they agree, else one per version with
+    its runs, so a table mixing code versions says so."""
+    versions: dict[str, list[str]] = {}
+    for r in runs:
+        text = describe(r["code"]) if r["code"] else "not recorded"
+        versions.setdefault(text, []).append(f"seed{r['seed']}/{r['arm']}")
+    if len(versions) == 1:
+        return f"\nCode: {next(iter(versions))} (every run).\n"
+    return "\nCode differs between runs:\n" + "".join(f"- {v}: {', '.join(names)}\n" for v, names in versions.items())
+
+
 def write_table(root: Path, arms: list[str], seeds: list[int], branch: int, jobs: list[Job]) -> list[dict]:
     from .platform.plots import compare_chart
     per_seed = {a: [run_rounds(root / f"seed{s}" / "base", root / f"seed{s}" / a, branch) for s in seeds]
                 for a in arms}
     rows = table(per_seed)
     title = f"{root.name}: {', '.join(arms)} over seeds {', '.join(map(str, seeds))}, branched after round {branch}"
-    files.write_text(root / "compare.md", markdown(rows, title))
+    runs = [{"seed": j.seed, "arm": j.arm, "run_dir": str(j.run_dir), "code": run_code(j.run_dir)} for j in jobs]
+    files.write_text(root / "compare.md", markdown(rows, title) + code_lines(runs))
     files.write_text(root / "compare.json", json.dumps(
         {"title": title, "arms": arms, "seeds": seeds, "branch_after_round": branch, "rows": rows,
-         "runs": [{"seed": j.seed, "arm": j.arm, "run_dir": str(j.run_dir)} for j in jobs]}, indent=1))
+         "runs": runs}, indent=1))
     series = {a: [{"round": r["round"], "knn_top1": r["knn_top1"]["mean"], "knn_top1_sd": r["knn_top1"]["sd"],
                    "consistency": r["anchor_consistency"]["mean"], "all_consistency": r["all_consistency"]["mean"]}
                   for r in rows if r["arm"] == a] for a in arms}

@@ -283,6 +283,9 @@ def find_config(config: str) -> Path:
                       f"available: {names}")
 
 
+CODE_KEY = "code"
+
+
 def load_config(config: str, overrides: list[str], base: Config | None = None, check_data: bool = True) -> Config:
     """`base` (default: the schema's defaults) <- YAML file `config` (path or name in configs/;
     "" for none) <- `a.b=value` overrides, validated (the data root only with `check_data`)."""
@@ -295,6 +298,7 @@ def load_config(config: str, overrides: list[str], base: Config | None = None, c
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, "
                               f"got {describe(data)}")
+        data.pop(CODE_KEY, None)      # a saved run's record of its code (save_config), not a setting
         merge(cfg, data)
     for text in overrides:
         apply_override(cfg, text)
@@ -336,10 +340,12 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path) -> None:
-    """Write the resolved config as YAML (loadable again with load_config)."""
+    """Write the resolved config as YAML (loadable again with load_config), with the code that
+    wrote it under `code:` (platform/version.py; not a setting, load_config skips it)."""
+    from .platform.version import code_version
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    files.write_text(path, yaml.safe_dump({**to_dict(cfg), CODE_KEY: code_version()}, sort_keys=False))
 
 
 def config_from_dict(d: dict) -> Config:

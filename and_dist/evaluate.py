@@ -32,6 +32,7 @@ from .eval.pretrained import resolve      # what --checkpoint PATH names (export
 from .run.entry import Session, main_decides, main_rank, user_error_exit
 from .platform.errors import UserError
 from .platform.log import RunLog, fmt
+from .platform.version import code_version
 from .run.stop import Stop, Stopped, exits_on_stop, raising
 
 KINDS = ("knn", "probe", "all")
@@ -137,7 +138,8 @@ def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, sour
     if ckpt is not None:
         step = checkpoint.read_state(ckpt).get("progress", {}).get("global_step", 0)
     result = {"kind": kind, "source": source, "checkpoint": str(ckpt) if ckpt else None,
-              "arch": cfg.model.arch, "wandb_id": log.wandb_id, "finished": False}
+              "arch": cfg.model.arch, "wandb_id": log.wandb_id, "finished": False,
+              "code": code_version()}
     if env.is_main:
         save_config(cfg, out / "config.yaml")
         files.write_text(record, json.dumps(result, indent=2))

@@ -22,6 +22,7 @@ from .data import build_data
 from .run.entry import Session, main_decides
 from .platform.errors import UserError
 from .platform.log import RunLog
+from .platform.version import code_version, describe
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
 from .models import build_model, convert_global_bn
@@ -116,6 +117,7 @@ def _banner(log, cfg, env, run, data, ckpt, p, source) -> None:
     log.info(f"run directory {run}\n"
              f"  config {cfg.name}; {where}\n"
              f"  device {env.device}, {env.world} rank{'s' if env.world > 1 else ''}, {cfg.train.dtype}\n"
+             f"  code {describe(code_version())}\n"
              f"  data {cfg.data.source}: {len(data.train)} train / {len(data.test)} test images, "
              f"{len(data.train.classes)} classes, {skipped} skipped" + (" (skipped.txt)" if skipped else ""))
 

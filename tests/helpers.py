@@ -49,14 +49,14 @@ def final_bank(run: Path) -> torch.Tensor:
     return torch.cat([p["rows"] for p in parts])
 
 
-def wandb_history(run: Path) -> list[dict]:
-    """History rows of the newest offline wandb run, read from its .wandb file (LevelDB-style log
-    of protobuf records: 32 KiB blocks, 7-byte chunk headers)."""
+def wandb_records(run: Path) -> list:
+    """The protobuf records of the newest offline wandb run, read from its .wandb file (LevelDB-style
+    log: 32 KiB blocks, 7-byte chunk headers)."""
     from wandb.proto import wandb_internal_pb2 as pb
     newest = max((run / "wandb").glob("offline-run-*"), key=lambda d: d.name)
     data = next(newest.glob("*.wandb")).read_bytes()
     assert data[:4] == b":W&B"
-    rows, pos, buf = [], 7, b""
+    records, pos, buf = [], 7, b""
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
         crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
@@ -68,7 +68,17 @@ def wandb_history(run: Path) -> list[dict]:
             record = pb.Record()
             record.ParseFromString(buf)
             buf = b""
-            if record.HasField("history"):
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                             for i in record.history.item})
-    return rows
+            records.append(record)
+    return records
+
+
+def wandb_history(run: Path) -> list[dict]:
+    """History rows of the newest offline wandb run."""
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in wandb_records(run) if r.HasField("history")]
+
+
+def wandb_config(run: Path) -> dict:
+    """The config the newest offline wandb run was started with."""
+    (r,) = [r for r in wandb_records(run) if r.HasField("run")]
+    return {i.key: json.loads(i.value_json) for i in r.run.config.update}

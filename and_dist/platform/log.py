@@ -82,11 +82,13 @@ class RunLog:
 
     @classmethod
     def for_config(cls, run_dir: Path, enabled: bool, cfg, name: str = "") -> "RunLog":
-        """The log a run's config asks for (`log` section; wandb gets the whole config)."""
+        """The log a run's config asks for (`log` section; wandb gets the whole config and the code
+        version)."""
         from dataclasses import asdict
         c = cfg.log
-        return cls(run_dir, enabled, c.progress, c.wandb_mode, c.wandb_project, c.wandb_entity, asdict(cfg),
-                   name or cfg.name)
+        from .version import code_version
+        return cls(run_dir, enabled, c.progress, c.wandb_mode, c.wandb_project, c.wandb_entity,
+                   {**asdict(cfg), "code": code_version()}, name or cfg.name)
 
     def start_wandb(self) -> None:
         """After resume (which may restore the id), so a resumed run continues its wandb run."""

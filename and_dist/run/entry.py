@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..platform import dist
+from ..platform import dist, flight
 from . import rundir
 from .stop import masked_stop
 from ..platform.errors import EXIT_USER_ERROR, UserError, exit_status
@@ -50,6 +50,8 @@ class Session:
     def lock(self, run: Path) -> Path:
         """Hold `run` for this job (rank 0 takes the lock file; a live holder is a UserError)."""
         main_decides(self.env, lambda: rundir.acquire(run))
+        if not self.locked and self.env.world > 1:
+            flight.place(run)              # collective traces into the first (main) run held
         self.locked.append(run)
         return run
 

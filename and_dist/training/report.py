@@ -8,6 +8,7 @@ from pathlib import Path
 from ..platform import dist
 from ..platform.files import WriteError, write_text
 from ..platform.log import fmt, strict
+from ..platform.version import code_version
 
 
 class SummaryFailed(RuntimeError):
@@ -64,7 +65,7 @@ class Report:
                    "best_note": "best is picked on the test set; report final_knn as the result",
                    "last_bank_knn_top1": p.last_knn[0] if p.last_knn else None,
                    "seconds": p.seconds, "last_segment_seconds": segment_seconds, "segments": p.segments,
-                   "final_knn_top1": None, "final_knn_top5": None}
+                   "final_knn_top1": None, "final_knn_top5": None, "code": code_version()}
         if p.rounds:
             summary.update(final_knn_top1=p.rounds[-1]["knn_top1"], final_knn_top5=p.rounds[-1]["knn_top5"])
         best = p.best.get("knn_top1") if p.best else None
