@@ -62,7 +62,25 @@ def configure(base: Config, config: str, overrides: list[str]) -> tuple[Config, 
 
 
 def load(args) -> tuple:
-    """(model, memory bank or None, cfg, resume, the evaluations folder, source line, checkpoint or None)."""
+    """(model, memory bank or None, cfg, resume, the evaluations folder, source line, checkpoint or
+    None), every input checked (`check_inputs`) before any folder is made."""
+    model, bank, cfg, resume, parent, source, ckpt = _load(args)
+    check_inputs(args.kind, cfg, model, bank, ckpt)
+    return model, bank, cfg, resume, parent, source, ckpt
+
+
+def check_inputs(kind: str, cfg: Config, model, bank, ckpt: Path | None) -> None:
+    """What the evaluation would otherwise find wrong only after its folder was made: layers the
+    model lacks, a memory bank that is not there."""
+    from .eval.prober import check_layers
+    if kind in ("probe", "all"):
+        check_layers(cfg, model)
+    if kind in ("knn", "all") and cfg.eval.train_features == "bank" and bank is None and (
+            ckpt is None or not any(Path(ckpt).glob("bank-*.pt"))):
+        raise UserError("eval.train_features=bank: this checkpoint holds no memory bank")
+
+
+def _load(args) -> tuple:
     from .eval.pretrained import load_model
     from .eval.weights import load_weights
     ckpt, weights, chosen = resolve(args.checkpoint)
