@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_config
+from .config import MODEL_SHAPE_WORDS, load_config, model_shape, shape_differences
 from .platform import files
 from .platform.cluster import placement
 from .platform.errors import UserError
@@ -125,12 +125,11 @@ def plan(config: str, overrides: list[str], arms: dict[str, list[str]], seeds: l
         raise UserError(f"--branch-after-round {branch}: must be 0 or more")
     cfg = load_config(config, overrides)
     root = Path(cfg.out_dir) / cfg.name
-    own = lambda c: (c.model.arch, c.model.low_dim, c.data.image_size)
     for name, extra in arms.items():
         arm = load_config(config, overrides + extra)
-        if own(arm) != own(cfg):
-            raise UserError(f"arm {name}: model.arch, model.low_dim and data.image_size stay the base's "
-                            f"({', '.join(map(str, own(cfg)))}); the arms branch from its weights")
+        if shape_differences(cfg, arm):
+            raise UserError(f"arm {name}: {MODEL_SHAPE_WORDS} stay the base's "
+                            f"({', '.join(map(str, model_shape(cfg).values()))}); the arms branch from its weights")
         if arm.curriculum.rounds <= branch + 1:
             raise UserError(f"arm {name}: curriculum.rounds={arm.curriculum.rounds} leaves nothing after the branch "
                             f"at round {branch}; use more than {branch + 1} rounds")

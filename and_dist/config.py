@@ -335,6 +335,22 @@ def config_or_exit(argv: list[str] | None = None) -> Config:
     return user_error_exit(parse_args, argv)
 
 
+MODEL_SHAPE = ("model.arch", "model.low_dim", "data.image_size")   # what weights and a bank are made for
+MODEL_SHAPE_WORDS = "model.arch, model.low_dim and data.image_size"
+
+
+def model_shape(cfg: Config) -> dict:
+    """The MODEL_SHAPE keys' values."""
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in MODEL_SHAPE}
+
+
+def shape_differences(theirs: Config, ours: Config) -> list[tuple[str, object, object]]:
+    """(key, theirs, ours) for each MODEL_SHAPE key where two configs differ: weights made under
+    one do not fit the other (init_from, evaluate, compare's arms)."""
+    a, b = model_shape(theirs), model_shape(ours)
+    return [(key, a[key], b[key]) for key in MODEL_SHAPE if a[key] != b[key]]
+
+
 def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 

@@ -27,7 +27,7 @@ import torch
 
 from .run import checkpoint, rundir
 from .platform import dist, files
-from .config import Config, save_config
+from .config import MODEL_SHAPE_WORDS, Config, model_shape, save_config, shape_differences
 from .eval.pretrained import resolve      # what --checkpoint PATH names (export.py takes it from here)
 from .run.entry import Session, main_decides, main_rank, user_error_exit
 from .platform.errors import UserError
@@ -86,11 +86,10 @@ def _load(args) -> tuple:
     ckpt, weights, chosen = resolve(args.checkpoint)
     if ckpt is not None:
         model, base, ckpt = load_model(ckpt)
-        own = (base.model.arch, base.model.low_dim, base.data.image_size)
         cfg, resume = configure(base, args.config, args.overrides)
-        if (cfg.model.arch, cfg.model.low_dim, cfg.data.image_size) != own:
-            raise UserError("model.arch, model.low_dim and data.image_size stay the run's own "
-                            f"({own[0]}, {own[1]}, {own[2]} px) when evaluating a run")
+        if shape_differences(base, cfg):
+            arch, low_dim, size = model_shape(base).values()
+            raise UserError(f"{MODEL_SHAPE_WORDS} stay the run's own ({arch}, {low_dim}, {size} px) when evaluating a run")
         return model, None, cfg, resume, run_of(ckpt) / "evaluations", chosen, ckpt
     base = Config()
     base.name = weights.stem

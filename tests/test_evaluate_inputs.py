@@ -1,5 +1,6 @@
-"""An evaluation's inputs are checked before its folder is made: a layer the model lacks or a
-memory bank the checkpoint lacks is one line, exit 2, and leaves no evaluations/<time> behind."""
+"""An evaluation's inputs are checked before its folder is made: a layer the model lacks, a
+model shape other than the run's or a memory bank the weights lack is one line, exit 2, and
+leaves no evaluations/<time> behind."""
 import pytest
 import torch
 
@@ -21,6 +22,8 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("args, says", [
     (["probe", "probe.layers=[nosuchlayer]"], "nosuchlayer"),
     (["all", "probe.layers=[features,nosuchlayer]"], "nosuchlayer"),
+    (["knn", "model.low_dim=64"], "model.arch, model.low_dim and data.image_size stay the run's own "
+                                  "(convnet_small, 128, 32 px) when evaluating a run"),
 ])
 def test_a_bad_input_is_one_line_exit_2_and_makes_no_folder(run, capsys, args, says):
     with pytest.raises(SystemExit) as stopped:

@@ -46,7 +46,7 @@ def _mismatch(key: str, theirs, ours) -> UserError:
 
 def read(cfg) -> Source:
     """The source `cfg.init_from` names, checked against cfg's model and image size."""
-    from ..config import config_from_dict
+    from ..config import config_from_dict, shape_differences
     from ..eval.pretrained import resolve
     from ..run import checkpoint
     ckpt, weights, chosen = resolve(cfg.init_from, "init_from")
@@ -54,11 +54,8 @@ def read(cfg) -> Source:
         return _weights_file(cfg, weights)
     state = checkpoint.read_state(ckpt)
     src = config_from_dict(state["config"]["config"])
-    for key, theirs, ours in (("model.arch", src.model.arch, cfg.model.arch),
-                              ("model.low_dim", src.model.low_dim, cfg.model.low_dim),
-                              ("data.image_size", src.data.image_size, cfg.data.image_size)):
-        if theirs != ours:
-            raise _mismatch(key, theirs, ours)
+    for key, theirs, ours in shape_differences(src, cfg):
+        raise _mismatch(key, theirs, ours)
     p = state["progress"]
     start = p["round"]
     if start >= cfg.curriculum.rounds:
