@@ -27,7 +27,7 @@ import torch
 
 from .run import checkpoint, rundir
 from .platform import dist, files
-from .config import MODEL_SHAPE_WORDS, Config, model_shape, save_config, shape_differences
+from .config import MODEL_SHAPE_WORDS, Config, model_shape, save_config
 from .eval.pretrained import resolve      # what --checkpoint PATH names (export.py takes it from here)
 from .run.entry import Session, main_decides, main_rank, user_error_exit
 from .platform.errors import UserError
@@ -86,9 +86,10 @@ def _load(args) -> tuple:
     ckpt, weights, chosen = resolve(args.checkpoint)
     if ckpt is not None:
         model, base, ckpt = load_model(ckpt)
+        own = model_shape(base)                  # before configure: it merges into `base` itself
         cfg, resume = configure(base, args.config, args.overrides)
-        if shape_differences(base, cfg):
-            arch, low_dim, size = model_shape(base).values()
+        if model_shape(cfg) != own:
+            arch, low_dim, size = own.values()
             raise UserError(f"{MODEL_SHAPE_WORDS} stay the run's own ({arch}, {low_dim}, {size} px) when evaluating a run")
         return model, None, cfg, resume, run_of(ckpt) / "evaluations", chosen, ckpt
     base = Config()
