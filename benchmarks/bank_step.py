@@ -198,7 +198,7 @@ def single(args) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from and_dist.method.attention import shard_terms_attention
+    from and_dist.method.kernels.attention import shard_terms_attention
     from and_dist.method.bank import ShardedBank
     from and_dist.method.curriculum import positive_sets
     from and_dist.method.loss import and_loss, shard_terms

@@ -248,7 +248,7 @@ def kernel_checks(s: Session, n: int, batch: int, disc_n: int) -> None:
     """The AND step's loss and gradient, and discovery, with each kernel against the exact path."""
     import torch.nn.functional as F
 
-    from and_dist.method.attention import shard_terms_attention, supported
+    from and_dist.method.kernels.attention import shard_terms_attention, supported
     from and_dist.method.bank import ShardedBank
     from and_dist.method.curriculum import anchor_count, positive_sets, select_anchors
     from and_dist.method.discovery import discover, fused_available

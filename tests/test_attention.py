@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from and_dist.platform import memory
 from and_dist.platform.errors import UserError
-from and_dist.method.attention import attention_entropy, attention_lse_out, combine_entropy, select_shard_fn
+from and_dist.method.kernels.attention import attention_entropy, attention_lse_out, combine_entropy, select_shard_fn
 from and_dist.method.bank import ShardedBank
 from and_dist.method.discovery import discover
 from and_dist.method.loss import shard_terms

@@ -55,7 +55,8 @@ def _run_kernels(out: str) -> None:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    from and_dist.method import discovery, fused_attention, fused_discovery
+    from and_dist.method import discovery
+    from and_dist.method.kernels import fused_attention, fused_discovery
     from and_dist.method.bank import ShardedBank
 
     for kernel in (fused_attention._attention_kernel, fused_discovery._discovery_kernel):
@@ -93,7 +94,7 @@ def kernels(tmp_path_factory):
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout
     res = torch.load(out)
-    assert Path(res["attention_module"]).parent == HERE.parent / "and_dist" / "method"   # this tree's kernels
+    assert Path(res["attention_module"]).parent == HERE.parent / "and_dist" / "method" / "kernels"   # this tree's kernels
     return res
 
 
@@ -136,7 +137,7 @@ def test_lse_out_exact_out_is_the_accurate_one(kernels):
 
 @pytest.mark.parametrize("splits", SPLITS)
 def test_lse_out_blocks_combine_to_the_whole_softmax(kernels, splits):
-    from and_dist.method.attention import combine_blocks
+    from and_dist.method.kernels.attention import combine_blocks
     lse, out = combine_blocks(*kernels["lse_out", splits, True], torch.float32)
     q, rows = _attention_inputs()
     ref_lse, ref_out = _attention_reference(q, rows, N_K)

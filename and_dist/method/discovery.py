@@ -3,9 +3,9 @@ neighbours (itself excluded), from one pass over blocks of bank similarities.
 
 Three kernels compute the same statistics (`kernel`):
   exact      (chunk x slice) similarity blocks with torch matmul: the reference, any device.
-  attention  entropy as attention (H = LSE - q.O/T, attention.py) plus a separate kNN search
+  attention  entropy as attention (H = LSE - q.O/T, kernels/attention.py) plus a separate kNN search
              (faiss, or chunked matmul + top-k); with faiss no similarity block is stored.
-  fused      one Triton kernel on CUDA doing both tile by tile (fused_discovery.py).
+  fused      one Triton kernel on CUDA doing both tile by tile (kernels/fused_discovery.py).
 auto = fused on CUDA when Triton is there (attention when backend=faiss), exact otherwise.
 `chunk` = rows per block; `auto` sizes it from the free memory (memory.py).
 
@@ -23,7 +23,7 @@ import torch.distributed as tdist
 
 from ..platform import dist, memory
 from ..platform.errors import UserError
-from .attention import attention_entropy, triton_available
+from .kernels.attention import attention_entropy, triton_available
 from .bank import ShardedBank
 
 from .choices import check_choice
@@ -190,7 +190,7 @@ def discover(bank: ShardedBank, k: int = 1, chunk: int | str = "auto", backend: 
     step = {"exact": _exact_slice, "attention": _attention_slice, "fused": _fused_slice}[kernel]
     own_ops = None
     if kernel == "fused":
-        from .fused_discovery import split_rows
+        from .kernels.fused_discovery import split_rows
         own_ops = split_rows(own, precision)
     for s_lo, srows in _ring_slices(bank):
         step(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, own_ops)
@@ -264,7 +264,7 @@ def _attention_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, pro
 
 def _fused_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, own_ops):
     """Entropy sums and top-k from the fused Triton kernel, `chunk` rows per launch."""
-    from .fused_discovery import block_stats, split_rows
+    from .kernels.fused_discovery import block_stats, split_rows
     n_own = len(bank.rows)
     keys = own_ops if s_lo == bank.lo else split_rows(srows, precision)
     for a in range(0, n_own, chunk):

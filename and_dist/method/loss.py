@@ -4,7 +4,7 @@
    the shard's log-normaliser and softmax-weighted mean of bank rows, and the same two over the
    query's positives that live in the shard. These are exactly what a fused attention kernel
    returns (logsumexp, output) with keys = values = the shard, so a fast kernel can replace
-   this part alone (see attention.py).
+   this part alone (see kernels/attention.py).
 2. `combine`: the exact cross-rank combination of those per-shard pairs, as in split-KV
    attention: LSE = logsumexp over shards, O = sum_r exp(LSE_r - LSE) O_r.
 

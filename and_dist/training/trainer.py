@@ -15,7 +15,7 @@ import torch
 from ..config import Config, to_dict
 from ..data.base import TrainData
 from ..eval.knn import knn_eval
-from ..method.attention import select_shard_fn
+from ..method.kernels.attention import select_shard_fn
 from ..method.bank import ShardedBank
 from ..method.curriculum import Curriculum
 from ..method.discovery import discover

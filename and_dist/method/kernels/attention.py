@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .loss import ShardTerms, _empty_terms, positive_logits, positive_terms, shard_terms
+from ..loss import ShardTerms, _empty_terms, positive_logits, positive_terms, shard_terms
 
 MIN_BLOCK = {"cuda": 1024, "cpu": 8192}   # keys per block; below this a block is all overhead
 
