@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .data.sources import LOADERS, MAX_CACHED_SIZE, SOURCES, check_pack_options, check_root
-from .method.choices import BACKENDS, BANK_KERNELS, DISCOVERY_KERNELS, METHODS, PRECISIONS, check_choice
+from .method.choices import BACKENDS, BANK_KERNELS, DISCOVERY_KERNELS, METHODS, PRECISIONS, resolve_kernel
 from .models import ARCHS
 from .platform import files
 from .platform.errors import UserError
@@ -246,7 +246,7 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         if d.loader != "cached" and d.source not in ("imagefolder", "pack"):
             raise UserError(f"data.loader={d.loader} streams an ImageFolder tree or a pack (data.source=imagefolder "
                             f"or pack); data.source={d.source} is read into memory: use data.loader=cached")
-        check_choice(c.kernel, c.precision, c.backend, "cpu" if cfg.train.device == "cpu" else "")
+        resolve_kernel(c.kernel, c.precision, c.backend, fused_runs=False if cfg.train.device == "cpu" else None)
     except UserError as e:
         raise ConfigError(str(e)) from None
     if cfg.run_dir and cfg.resume not in ("", "auto"):

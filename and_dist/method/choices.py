@@ -11,15 +11,23 @@ BACKENDS = ("torch", "faiss")                                  # discovery's nea
 METHODS = ("and", "instance")     # instance: the equal-budget baseline, no anchors
 
 
-def check_choice(kernel: str, precision: str, backend: str, device_type: str = "") -> None:
-    """Reject the combinations no kernel implements (one line each): in config validation, where
-    the device may be unknown (`device_type` ""), and again once `auto` is resolved."""
+def resolve_kernel(kernel: str, precision: str, backend: str, fused_runs: bool | None = None) -> tuple[str, str]:
+    """(kernel, precision) with `auto` resolved, or one line for a combination no kernel implements.
+
+    fused_runs: whether the fused kernel runs on the device (CUDA with Triton); None where that is
+    not known yet (config validation without a device), where `auto` stays unresolved."""
     if kernel == "fused" and backend == "faiss":
         raise UserError("discovery.kernel=fused finds neighbours itself; use backend=torch, "
                         "or kernel=attention with faiss")
-    if kernel == "fused" and device_type == "cpu":
+    if kernel == "fused" and fused_runs is False:
         raise UserError("discovery.kernel=fused needs a CUDA device and Triton; use discovery.kernel=auto")
-    maybe_fused = kernel == "fused" or (kernel == "auto" and backend != "faiss" and device_type != "cpu")
+    unfused = "attention" if backend == "faiss" else "exact"
+    if kernel == "auto" and fused_runs is not None:
+        kernel = "fused" if fused_runs and backend != "faiss" else unfused
+    maybe_fused = kernel == "fused" or (kernel == "auto" and backend != "faiss")
     if precision == "bf16x3" and not maybe_fused:
-        shown = kernel if kernel != "auto" else ("attention" if backend == "faiss" else "exact")
-        raise UserError(f"discovery.precision=bf16x3 is the fused kernel's; kernel {shown} takes fp32 or bf16")
+        raise UserError(f"discovery.precision=bf16x3 is the fused kernel's; kernel "
+                        f"{unfused if kernel == 'auto' else kernel} takes fp32 or bf16")
+    if precision == "auto" and kernel != "auto":
+        precision = "bf16x3" if kernel == "fused" else "fp32"
+    return kernel, precision

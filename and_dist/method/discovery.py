@@ -26,7 +26,7 @@ from ..platform.errors import UserError
 from .kernels.attention import attention_entropy, triton_available
 from .bank import ShardedBank
 
-from .choices import check_choice
+from .choices import resolve_kernel
 
 
 @dataclass
@@ -141,18 +141,6 @@ def fused_available(device) -> bool:
     return triton_available(device, "fused_discovery")
 
 
-def choose(kernel: str, precision: str, backend: str, device) -> tuple[str, str]:
-    """Resolve `auto` for `device` and reject combinations no kernel implements."""
-    if kernel == "auto":
-        kernel = "attention" if backend == "faiss" else ("fused" if fused_available(device) else "exact")
-    if kernel == "fused" and not fused_available(device):
-        raise UserError("discovery.kernel=fused needs a CUDA device and Triton; use discovery.kernel=auto")
-    check_choice(kernel, precision, backend)        # fused_available has judged the device
-    if precision == "auto":
-        precision = "bf16x3" if kernel == "fused" else "fp32"
-    return kernel, precision
-
-
 def _chunk(chunk, kernel: str, precision: str, backend: str, bank: ShardedBank) -> int:
     """Rows per block: the (chunk x slice) blocks a kernel allocates, against the free memory left
     once the ring's second slice (and any converted copies) are counted."""
@@ -182,49 +170,101 @@ def discover(bank: ShardedBank, k: int = 1, chunk: int | str = "auto", backend: 
 
     progress: optional callable(n_done) advanced once per finished row chunk (rank 0 shows a bar).
     """
-    kernel, precision = choose(kernel, precision, backend, bank.device)
+    kernel, precision = resolve_kernel(kernel, precision, backend, fused_available(bank.device))
     chunk = _chunk(chunk, kernel, precision, backend, bank)
-    own = bank.rows
-    n_own = len(own)
-    stats = _Stats(n_own, k, bank.temperature, own.device)
-    step = {"exact": _exact_slice, "attention": _attention_slice, "fused": _fused_slice}[kernel]
-    own_ops = None
-    if kernel == "fused":
-        from .kernels.fused_discovery import split_rows
-        own_ops = split_rows(own, precision)
+    stats = _Stats(len(bank.rows), k, bank.temperature, bank.device)
+    one_pass = _Pass(bank, stats, k, chunk, precision, backend, bank.temperature, progress)
+    slice_step = getattr(one_pass, kernel)
     for s_lo, srows in _ring_slices(bank):
-        step(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, own_ops)
+        slice_step(s_lo, srows)
     entropy = dist.all_gather_rows(stats.entropy(), bank.sizes)
     neighbours = dist.all_gather_rows(stats.top_i, bank.sizes)
     return Neighbourhood(entropy.cpu(), neighbours.cpu())
 
 
-def _exact_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, _):
-    """The reference: one (chunk x slice) block of similarities per row chunk, reused."""
-    own, n_own, T = bank.rows, len(bank.rows), bank.temperature
-    mm_dtype = torch.bfloat16 if precision == "bf16" else own.dtype
-    rows_of = torch.arange(n_own, device=own.device)
-    srows_mm = srows.to(mm_dtype)
-    width = min(chunk, n_own)
-    sims_buf = torch.empty(width, len(srows), dtype=mm_dtype, device=own.device)
-    logit_buf = sims_buf if mm_dtype == own.dtype else torch.empty(width, len(srows), device=own.device)
-    scratch = torch.empty_like(logit_buf)
-    search = _FaissSlice(srows, s_lo) if backend == "faiss" else None
-    for a in range(0, n_own, chunk):
-        r = slice(a, min(a + chunk, n_own))
-        c = r.stop - r.start
-        q = own[r]
-        sims = torch.matmul(q.to(mm_dtype), srows_mm.T, out=sims_buf[:c])   # (c, n_slice)
-        if search is not None:
-            v, i = search.candidates(q, k, bank.lo + a)
-        else:
-            v, i = _torch_candidates(sims, q, srows, k, precision, bank.lo + rows_of[r] - s_lo)
-            i = i + s_lo
-        stats.add_candidates(r, v.float(), i)
-        logits = logit_buf[:c].copy_(sims) if logit_buf is not sims_buf else sims
-        stats.add_logits(r, logits.mul_(1.0 / T), scratch[:c])
-        if progress is not None:
-            progress(c)
+@dataclass
+class _Pass:
+    """One pass of discovery over the ring of bank slices: what every kernel's step reads. Each
+    step folds one slice's contribution to this rank's rows (in chunks of rows) into `stats`."""
+    bank: ShardedBank
+    stats: _Stats
+    k: int
+    chunk: int
+    precision: str
+    backend: str
+    temperature: float
+    progress: object = None
+    own_split: tuple | None = None           # the fused kernel's split of this rank's rows, made once
+
+    def _chunks(self):
+        n_own = len(self.bank.rows)
+        for a in range(0, n_own, self.chunk):
+            yield a, slice(a, min(a + self.chunk, n_own))
+
+    def _done(self, r: slice) -> None:
+        if self.progress is not None:
+            self.progress(r.stop - r.start)
+
+    def exact(self, s_lo: int, srows: torch.Tensor) -> None:
+        """The reference: one (chunk x slice) block of similarities per row chunk, reused."""
+        bank, own = self.bank, self.bank.rows
+        mm_dtype = torch.bfloat16 if self.precision == "bf16" else own.dtype
+        rows_of = torch.arange(len(own), device=own.device)
+        srows_mm = srows.to(mm_dtype)
+        width = min(self.chunk, len(own))
+        sims_buf = torch.empty(width, len(srows), dtype=mm_dtype, device=own.device)
+        logit_buf = sims_buf if mm_dtype == own.dtype else torch.empty(width, len(srows), device=own.device)
+        scratch = torch.empty_like(logit_buf)
+        search = _FaissSlice(srows, s_lo) if self.backend == "faiss" else None
+        for a, r in self._chunks():
+            c = r.stop - r.start
+            q = own[r]
+            sims = torch.matmul(q.to(mm_dtype), srows_mm.T, out=sims_buf[:c])   # (c, n_slice)
+            if search is not None:
+                v, i = search.candidates(q, self.k, bank.lo + a)
+            else:
+                v, i = _torch_candidates(sims, q, srows, self.k, self.precision, bank.lo + rows_of[r] - s_lo)
+                i = i + s_lo
+            self.stats.add_candidates(r, v.float(), i)
+            logits = logit_buf[:c].copy_(sims) if logit_buf is not sims_buf else sims
+            self.stats.add_logits(r, logits.mul_(1.0 / self.temperature), scratch[:c])
+            self._done(r)
+
+    def attention(self, s_lo: int, srows: torch.Tensor) -> None:
+        """Entropy sums from a fused attention kernel (float32), neighbours from faiss or from a
+        (chunk x slice) similarity block in `precision`."""
+        bank, own = self.bank, self.bank.rows
+        rows_of = torch.arange(len(own), device=own.device)
+        search = _FaissSlice(srows, s_lo) if self.backend == "faiss" else None
+        mm_dtype = torch.bfloat16 if self.precision == "bf16" else own.dtype
+        srows_mm = srows.to(mm_dtype)
+        for a, r in self._chunks():
+            q = own[r]
+            lse, mean_logit = attention_entropy(q, srows, self.temperature)
+            s = torch.exp(lse - self.stats.shift)
+            self.stats.add_sums(r, s, s * mean_logit)
+            if search is not None:
+                v, i = search.candidates(q, self.k, bank.lo + a)
+            else:
+                sims = q.to(mm_dtype) @ srows_mm.T
+                v, i = _torch_candidates(sims, q, srows, self.k, self.precision, bank.lo + rows_of[r] - s_lo)
+                i = i + s_lo
+            self.stats.add_candidates(r, v.float(), i)
+            self._done(r)
+
+    def fused(self, s_lo: int, srows: torch.Tensor) -> None:
+        """Entropy sums and top-k from the fused Triton kernel, `chunk` rows per launch."""
+        from .kernels.fused_discovery import block_stats, split_rows
+        bank = self.bank
+        if self.own_split is None:
+            self.own_split = split_rows(bank.rows, self.precision)
+        keys = self.own_split if s_lo == bank.lo else split_rows(srows, self.precision)
+        for a, r in self._chunks():
+            q = tuple(None if x is None else x[r] for x in self.own_split)
+            s, t, v, i = block_stats(q, keys, self.temperature, self.k, bank.lo + a - s_lo, s_lo, self.precision)
+            self.stats.add_sums(r, s, t)
+            self.stats.add_candidates(r, v, i)
+            self._done(r)
 
 
 def _torch_candidates(sims, q, srows, k, precision, self_col):
@@ -235,43 +275,3 @@ def _torch_candidates(sims, q, srows, k, precision, self_col):
     v, i = _block_candidates(sims, q, srows, k, precision)
     sims[inside, self_col[inside]] = self_sims
     return v, i
-
-
-def _attention_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, _):
-    """Entropy sums from a fused attention kernel (float32), neighbours from faiss or from a
-    (chunk x slice) similarity block in `precision`."""
-    own, n_own, T = bank.rows, len(bank.rows), bank.temperature
-    rows_of = torch.arange(n_own, device=own.device)
-    search = _FaissSlice(srows, s_lo) if backend == "faiss" else None
-    mm_dtype = torch.bfloat16 if precision == "bf16" else own.dtype
-    srows_mm = srows.to(mm_dtype)
-    for a in range(0, n_own, chunk):
-        r = slice(a, min(a + chunk, n_own))
-        q = own[r]
-        lse, mean_logit = attention_entropy(q, srows, T)
-        s = torch.exp(lse - stats.shift)
-        stats.add_sums(r, s, s * mean_logit)
-        if search is not None:
-            v, i = search.candidates(q, k, bank.lo + a)
-        else:
-            sims = q.to(mm_dtype) @ srows_mm.T
-            v, i = _torch_candidates(sims, q, srows, k, precision, bank.lo + rows_of[r] - s_lo)
-            i = i + s_lo
-        stats.add_candidates(r, v.float(), i)
-        if progress is not None:
-            progress(r.stop - r.start)
-
-
-def _fused_slice(bank, stats, s_lo, srows, k, chunk, backend, precision, progress, own_ops):
-    """Entropy sums and top-k from the fused Triton kernel, `chunk` rows per launch."""
-    from .kernels.fused_discovery import block_stats, split_rows
-    n_own = len(bank.rows)
-    keys = own_ops if s_lo == bank.lo else split_rows(srows, precision)
-    for a in range(0, n_own, chunk):
-        r = slice(a, min(a + chunk, n_own))
-        q = tuple(None if x is None else x[r] for x in own_ops)
-        s, t, v, i = block_stats(q, keys, bank.temperature, k, bank.lo + a - s_lo, s_lo, precision)
-        stats.add_sums(r, s, t)
-        stats.add_candidates(r, v, i)
-        if progress is not None:
-            progress(r.stop - r.start)
