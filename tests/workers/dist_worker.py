@@ -31,12 +31,13 @@ def knn_problem():
 
 def knn_predictions(queries, train, labels) -> torch.Tensor:
     """Each query's top-1 class by knn_accuracy's own vote: a query at a time, each class as its
-    label until top-1 says 100 (every rank gets the same answer, so all make the same calls)."""
+    label until top-1 says 100 (rank 0's answer decides, so every rank makes the same calls)."""
     out = torch.full((len(queries),), -1)
     for i in range(len(queries)):
         for c in range(CLASSES):
-            if knn_accuracy(queries[i:i + 1], torch.tensor([c]), train, labels, CLASSES, k=KNN_K, sigma=0.1,
-                            chunk=1)[0] == 100.0:
+            top1 = knn_accuracy(queries[i:i + 1], torch.tensor([c]), train, labels, CLASSES, k=KNN_K, sigma=0.1,
+                                chunk=1)[0]
+            if dist.all_reduce(torch.tensor([top1 if dist.rank_world()[0] == 0 else 0.0])).item() == 100.0:
                 out[i] = c
                 break
     return out
