@@ -19,7 +19,7 @@ from ..run.loop import Loop, cosine_lr, step_lr
 from .report import Report, round_table
 from ..method.bank import ShardedBank
 from ..method.curriculum import Curriculum
-from ..method.discovery import discover
+from ..method.discovery import choose, discover
 from ..method.attention import select_shard_fn
 from ..method.loss import and_loss
 from .state import Progress
@@ -94,8 +94,10 @@ class Trainer(Loop):
         cons = self.curriculum.consistency(self.data.train.labels)
         self.log.info(f"round {r}: {count} anchors, neighbourhood consistency {fmt(cons, '.4f')} "
                       f"({time.time() - t0:.1f}s)")
+        kernel, precision = choose(c.discovery.kernel, c.discovery.precision, c.discovery.backend, self.bank.device)
         self.log.event(event="discovery", round=r, anchors=count, consistency=cons,
-                       seconds=time.time() - t0, step=self.progress.global_step)
+                       seconds=time.time() - t0, step=self.progress.global_step, kernel=kernel,
+                       precision=precision, loss_kernel=self.shard_fn.__name__)   # what ran this round
         self.report.discovery(r, self.curriculum, self.data, self.progress.global_step)
 
     def train_epoch(self) -> bool:
