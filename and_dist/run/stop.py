@@ -10,6 +10,7 @@ check never blocks the device stream.
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import signal
@@ -35,6 +36,15 @@ class Stopped(BaseException):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+
+def test_signal(point: str) -> None:
+    """Test hook: AND_TEST_SIGNAL_AT=<pattern> sends this process SIGTERM when the work reaches a
+    point whose name matches (fnmatch): "knn" (evaluate's kNN pass), "write:<file name>" (inside a
+    durable file write), so a test's stop lands inside that phase instead of racing it."""
+    at = os.environ.get("AND_TEST_SIGNAL_AT")
+    if at and fnmatch.fnmatchcase(point, at):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _raise(signum, frame):
