@@ -72,3 +72,17 @@ def wandb_history(run: Path) -> list[dict]:
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                              for i in record.history.item})
     return rows
+
+
+def main_here(capsys, main, *args: str):
+    """An entry point's `main(args)` in this process, as a CompletedProcess (returncode = what main
+    returned): for checks of what it says, without an interpreter start. Subprocess tests hold the
+    exit-status contract (one per entry point). Restores the torch thread count it may set."""
+    import subprocess
+    threads = torch.get_num_threads()
+    try:
+        status = main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), status, out, err)

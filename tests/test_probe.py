@@ -2,6 +2,7 @@
 of a small AlexNet-BN run (probes.json, chart, metrics, offline wandb), 2 ranks against 1, and a
 SIGTERM mid-probe resumed to the uninterrupted result."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -130,11 +131,14 @@ def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pre
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out + err
-    assert "-s" in latest.read_text() and "Traceback" not in out + err     # stopped mid-epoch
+    assert "Traceback" not in out + err
+    where = re.search(r"stopped by signal 15 at epoch (\d+) step (\d+)", out + err)
+    assert where and latest.read_text().strip() == "e{}-s{}".format(*where.groups()), out + err   # the stop's own save
     assert not json.loads((run / "probes.json").read_text())["finished"]
     again = probe("--checkpoint", str(run), *PROBE)
     assert again.returncode == 0 and "resuming" in again.stdout, again.stdout + again.stderr
     got, want = (json.loads((r / "probes.json").read_text()) for r in (run, reference))
+    assert len(got["history"]) == len(want["history"]) == 3
     for g, w in zip(got["history"], want["history"]):
         for n in CONVS:
             for key in ("top1", "top5", "loss"):

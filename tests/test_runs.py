@@ -2,6 +2,7 @@
 runtime input errors, strict JSON and log-file output, and the instance-discrimination baseline."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from and_dist import train as entry
+from helpers import free_port, main_here
 
 from and_dist.run import rundir
 
@@ -27,7 +32,7 @@ def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def start(*args: str, torchrun: int = 0) -> subprocess.Popen:
     head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-            f"--master_port={29400 + os.getpid() % 500}"] if torchrun else [sys.executable]
+            f"--master_port={free_port()}"] if torchrun else [sys.executable]
     cmd = [*head, "-m", "and_dist.train", *args]
     return subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
 
@@ -38,6 +43,21 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def train_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    return main_here(capsys, entry.main, *args)
+
+
+def stop_saved_its_checkpoint(out: str, run: Path) -> None:
+    """The line before "stopped by signal 15 at round R epoch E step S" is that stop's own save,
+    of r{R}-e{E}-s{S}, and it is the run's latest (not a periodic save that happened to be there)."""
+    lines = out.splitlines()
+    (i,) = [n for n, line in enumerate(lines) if "stopped by signal 15 at" in line]
+    r, e, s = re.search(r"stopped by signal 15 at round (\d+) epoch (\d+) step (\d+)", lines[i]).groups()
+    name = f"r{r}-e{e}-s{s}"
+    assert lines[i - 1].endswith(f"checkpoint {run / 'checkpoints' / name}"), lines[i - 1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == name
 
 
 def one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
@@ -83,7 +103,7 @@ def test_sigterm_saves_and_exits_143_without_a_traceback(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by signal 15" in out and "Traceback" not in out + err
-    assert "-s" in (run / "checkpoints" / "latest").read_text()
+    stop_saved_its_checkpoint(out, run)
     assert not (run / "summary.json").exists()
 
 
@@ -99,9 +119,10 @@ def test_sigterm_under_torchrun_every_rank_exits_143_without_a_traceback(tmp_pat
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert out.count("stopped by signal 15") == 1           # rank 0 speaks for the job
-    assert err.count("exitcode  : 143") >= 1 or "143" in err, err
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", err)
+    assert codes and set(codes) == {"143"}, err            # every rank torchrun reports exited 143
     assert "and_dist" not in "".join(l for l in err.splitlines() if l.strip().startswith("File "))
-    assert "-s" in (run / "checkpoints" / "latest").read_text()
+    stop_saved_its_checkpoint(out, run)
 
 
 # ------------------------------------------------------------------------ runtime input errors
@@ -124,30 +145,30 @@ def _folder(root: Path, *extra: str) -> list[str]:
             "model.arch=convnet_small", "train.batch_size=2", "eval.knn_k=2", *extra]
 
 
-def test_runtime_input_errors_are_one_line(tmp_path):
+def test_runtime_input_errors_are_one_line(tmp_path, capsys):
     runs = f"out_dir={tmp_path / 'runs'}"
     empty = tmp_path / "empty"
     (empty / "train" / "a").mkdir(parents=True)
     (empty / "test" / "a").mkdir(parents=True)
-    one_line_error(train(*_folder(empty, runs)), "holds no images")
+    one_line_error(train_here(capsys, *_folder(empty, runs)), "holds no images")
     flat = tmp_path / "flat"
     _jpeg(flat / "train" / "x.png")
     _jpeg(flat / "test" / "a" / "x.png")
-    one_line_error(train(*_folder(flat, runs)), "one sub-folder per class")
+    one_line_error(train_here(capsys, *_folder(flat, runs)), "one sub-folder per class")
     bad = _tree(tmp_path / "bad")
     for f in (bad / "train").rglob("*.png"):
         f.write_bytes(b"not an image")
-    one_line_error(train(*_folder(bad, runs)), "every train image is unreadable")
+    one_line_error(train_here(capsys, *_folder(bad, runs)), "every train image is unreadable")
     differ = _tree(tmp_path / "differ", test=("a", "c"))
-    one_line_error(train(*_folder(differ, runs)), "differ from train's")
+    one_line_error(train_here(capsys, *_folder(differ, runs)), "differ from train's")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    one_line_error(train(*_folder(afile, runs)), "is a file")
-    one_line_error(train(*_folder(_tree(tmp_path / "ok"), runs, f"data.cache_dir={afile}")), "data.cache_dir")
-    one_line_error(train(*TINY, "data.source=cifar10", f"data.root={tmp_path / 'dl'}", "data.download=true", runs),
+    one_line_error(train_here(capsys, *_folder(afile, runs)), "is a file")
+    one_line_error(train_here(capsys, *_folder(_tree(tmp_path / "ok"), runs, f"data.cache_dir={afile}")), "data.cache_dir")
+    one_line_error(train_here(capsys, *TINY, "data.source=cifar10", f"data.root={tmp_path / 'dl'}", "data.download=true", runs),
                    "cannot fetch")
     # a probe layer that the model lacks fails before pretraining, not after it
-    one_line_error(train(*TINY, runs, "probe.after_train=true", "probe.layers=[conv9]"), "no module 'conv9'")
+    one_line_error(train_here(capsys, *TINY, runs, "probe.after_train=true", "probe.layers=[conv9]"), "no module 'conv9'")
 
 
 def test_resume_with_other_data_or_arch_names_both(tmp_path):
