@@ -82,6 +82,8 @@ def main_here(capsys, main, *args: str):
     threads = torch.get_num_threads()
     try:
         status = main(list(args))
+    except SystemExit as e:                   # config errors leave through sys.exit, as from a shell
+        status = e.code if isinstance(e.code, int) else 1
     finally:
         torch.set_num_threads(threads)
     out, err = capsys.readouterr()

@@ -61,6 +61,7 @@ def test_attention_loss_and_gradient_match_exact(single):
     assert g_ex.abs().max() > 0.1                       # a real gradient, not zeros
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_split_kv_over_ranks_matches_one_process(single, tmp_path, world):
     dtype, r = single

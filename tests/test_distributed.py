@@ -21,6 +21,8 @@ from and_dist.platform import dist
 sys.path.insert(0, str(WORKERS))
 from dist_worker import CLASSES, KNN_K, knn_predictions, knn_problem  # noqa: E402
 
+pytestmark = pytest.mark.slow          # every test here starts processes (or uses a fixture that does)
+
 HERE = Path(__file__).parent
 REPO = HERE.parent
 

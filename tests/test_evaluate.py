@@ -52,6 +52,7 @@ def evaluations(run: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------ our own runs
 
+@pytest.mark.slow
 def test_a_run_name_evaluated_by_knn_equals_the_runs_final_knn(trained):
     run = only_run(trained)
     proc = run_cli("and_dist.evaluate", "knn", "--checkpoint", str(trained), *QUIET)
@@ -68,6 +69,7 @@ def test_a_run_name_evaluated_by_knn_equals_the_runs_final_knn(trained):
     assert banked["knn_top1"] == summary["last_bank_knn_top1"] and len(evaluations(run)) == 2
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_knn_pass_exits_143_unfinished_and_resume_finishes_it(trained):
     """The kNN pass has no steps to checkpoint: a stop ends it at once (not at its end), the
     evaluation stays unfinished with no result in it, and resume=auto does it again. The product's
@@ -89,6 +91,7 @@ def test_sigterm_during_the_knn_pass_exits_143_unfinished_and_resume_finishes_it
     assert set(evaluations(run)) - before == {new} and json.loads((new / "evaluation.json").read_text())["finished"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_an_export_write_leaves_neither_file(trained, tmp_path):
     """Stopped while the .pth is being written (the product's test hook sends the SIGTERM once its
     hidden temporary file is open): exit 143, and neither OUT.pth, OUT.json nor a temporary file
@@ -102,6 +105,7 @@ def test_sigterm_during_an_export_write_leaves_neither_file(trained, tmp_path):
     assert list(tmp_path.iterdir()) == [] and "stopped by SIGTERM" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_two_probe_evaluations_with_other_layers_both_stay_and_an_interrupted_one_continues(trained):
     run = only_run(trained)
     before = set(evaluations(run)) if (run / "evaluations").exists() else set()
@@ -230,6 +234,7 @@ def test_a_torchvision_alexnet_with_dataparallel_on_features_matches():
     assert torch.equal(model.backbone.classifier[4].bias, sd["classifier.4.bias"])
 
 
+@pytest.mark.slow
 def test_the_released_and_cifar_checkpoint_loads_and_its_bank_serves_the_knn(tmp_path, capsys):
     from and_dist.platform import dist
     from and_dist.config import Config
@@ -252,6 +257,7 @@ def test_the_released_and_cifar_checkpoint_loads_and_its_bank_serves_the_knn(tmp
     assert (banked["knn_top1"], banked["knn_top5"]) == want
 
 
+@pytest.mark.slow
 def test_a_file_that_fits_no_architecture_is_one_line_exit_2(tmp_path):
     sd = {k: v for k, v in torchvision_resnet18().items() if not k.startswith("layer4.")}
     sd["extra.weight"] = torch.zeros(3)
@@ -266,6 +272,7 @@ def test_a_file_that_fits_no_architecture_is_one_line_exit_2(tmp_path):
 
 # ----------------------------------------------------------------------------------- export
 
+@pytest.mark.slow
 def test_export_to_torchvision_round_trips_the_features_exactly(trained, tmp_path, capsys):
     run = only_run(trained)
     out = tmp_path / "r18.pth"

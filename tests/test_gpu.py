@@ -23,7 +23,8 @@ import torch
 
 REPO = Path(__file__).parent.parent
 GPUS = os.environ.get("AND_TEST_GPUS", "")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TINY = ["--config", "demo", "train.device=cuda", "data.demo_train=2000", "data.demo_test=200",
         "curriculum.rounds=2", "train.epochs_per_round=2", "train.batch_size=128", "eval.knn_k=10",
         "log.progress=false", "log.wandb_mode=disabled"]

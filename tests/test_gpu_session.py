@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).parent.parent
 BLOCKER = REPO / "tests" / "blocked_imports"
 
@@ -15,6 +17,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{BLOCKER}{os.pathsep}{REPO}", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_the_entry_points_import_without_the_optional_packages():
     code = ("import and_dist.train, and_dist.probe, and_dist.training.trainer, and_dist.eval.prober, "
             "and_dist.data.pil_stream, and_dist.method.discovery, sys\n"
@@ -28,6 +31,7 @@ def test_the_entry_points_import_without_the_optional_packages():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_the_session_runs_every_part_on_the_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_session.py", "--device", "cpu", "--quick",
@@ -61,6 +65,7 @@ def test_the_fidelity_projection():
     assert project(25_000, k, 50_000, 10_000, 20, 60) <= 300 < project(25_000, k + 1, 50_000, 10_000, 20, 60)
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_the_fidelity_run_skips_it_with_the_projection(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_session.py", "--device", "cpu", "--quick", "--parts", "e",
@@ -83,6 +88,7 @@ def _tracked_bytes() -> int:
     return sum((REPO / n).stat().st_size for n in names.decode().split("\0") if n and (REPO / n).is_file())
 
 
+@pytest.mark.slow
 def test_the_repository_and_the_gpu_carry_stay_under_60_mib(tmp_path):
     """The carry of docs/performance.md, made by its two commands from all of CIFAR-10: the pack
     archive (and pytest for part a) with the tracked files stays under 60 MiB, and it unpacks to

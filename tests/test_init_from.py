@@ -14,6 +14,8 @@ from and_dist.run.stop import Stop
 from and_dist import train as entry
 from and_dist.train import build
 
+pytestmark = pytest.mark.slow          # every test here starts processes (or uses a fixture that does)
+
 TINY = ["--config", "demo", "data.demo_train=500", "data.demo_test=50", "train.epochs_per_round=1",
         "train.batch_size=100", "eval.knn_k=10", "eval.every_epochs=0", "train.threads=1", "log.progress=false"]
 

@@ -25,6 +25,8 @@ from and_dist.data.pack import open_pack
 from and_dist.platform import dist
 from and_dist.platform.errors import UserError
 
+pytestmark = pytest.mark.slow          # every test here starts processes (or uses a fixture that does)
+
 CLASSES = ("n01", "n02", "n03")
 PER_CLASS = 12
 BAD = ("corrupt.JPEG", "truncated.JPEG")

@@ -162,6 +162,7 @@ def in_progress_run(root: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_plot_runs_draws_two_runs_in_one_chart(real_run, tmp_path):
     other = in_progress_run(tmp_path)
     done = plot_runs(real_run, other, "--out", tmp_path / "cmp.png")
@@ -181,6 +182,7 @@ def test_plot_runs_draws_two_runs_in_one_chart(real_run, tmp_path):
     assert share_of(image, BLUE, 0) > 0.001 and share_of(image, ORANGE, 0) > 0.001
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["missing", "empty_dir", "not_json"])
 def test_plot_runs_fails_clearly_on_a_path_that_is_not_a_run(real_run, tmp_path, bad):
     path = tmp_path / bad

@@ -95,6 +95,7 @@ def reference(pretrained, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_probe_writes_json_chart_metrics_and_wandb(reference):
     run = reference
     out = json.loads((run / "probes.json").read_text())
@@ -120,6 +121,7 @@ def test_probe_writes_json_chart_metrics_and_wandb(reference):
     assert rows[0]["_step"] > final[0]["step"] > 0                  # after the pretraining's steps
 
 
+@pytest.mark.slow
 def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pretrained, reference, tmp_path):
     run = copy_run(pretrained, tmp_path, "run")
     cmd = [sys.executable, "-m", "and_dist.probe", "--checkpoint", str(run), *PROBE]
@@ -149,6 +151,7 @@ def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pre
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_after_train_probes_stopped_and_resumed_keep_every_probe_line(pretrained, tmp_path):
     """A resumed run restores the metrics file to its latest checkpoint, the probes' one once the
     probes have started: the probe epochs logged before the stop stay, none is logged twice."""
@@ -173,6 +176,7 @@ def test_after_train_probes_stopped_and_resumed_keep_every_probe_line(pretrained
 
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_same_probes_as_one(pretrained, tmp_path):
     """The heads' BN statistics and gradient span the global batch: the split across ranks does
     not change them."""
@@ -192,6 +196,7 @@ def test_two_ranks_train_the_same_probes_as_one(pretrained, tmp_path):
         assert abs(b[n]["top1"] - a[n]["top1"]) <= 1.0        # at most one of 100 test images differs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["probe.layers=[conv9]"], "no module 'conv9'"),
     (["probe.epochs=0"], "probe.epochs"),
@@ -203,6 +208,7 @@ def test_user_errors_exit_2_with_one_line(pretrained, tmp_path, args, needle):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_exits_2(tmp_path):
     proc = probe("--checkpoint", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr, proc.stderr

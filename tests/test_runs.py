@@ -69,6 +69,7 @@ def one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
 
 # ------------------------------------------------------------------------------ run directories
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_kept(tmp_path):
     run = tmp_path / "mine"
     assert train(*TINY, f"run_dir={run}").returncode == 0
@@ -77,6 +78,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_kept(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_live_run_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "live"
     first = start(*TINY, f"run_dir={run}", "train.epochs_per_round=50")
@@ -95,6 +97,7 @@ def test_a_second_process_on_a_live_run_is_refused_naming_the_holder(tmp_path):
 
 # ---------------------------------------------------------------------------------- exit status
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143_without_a_traceback(tmp_path):
     run = tmp_path / "stop"
     proc = start(*TINY, f"run_dir={run}", "train.epochs_per_round=50")
@@ -107,6 +110,7 @@ def test_sigterm_saves_and_exits_143_without_a_traceback(tmp_path):
     assert not (run / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_every_rank_exits_143_without_a_traceback(tmp_path):
     """SIGTERM reaches the ranks (as SLURM delivers it to every task); each saves and exits 143."""
     run = tmp_path / "stop2"
@@ -171,6 +175,7 @@ def test_runtime_input_errors_are_one_line(tmp_path, capsys):
     one_line_error(train_here(capsys, *TINY, runs, "probe.after_train=true", "probe.layers=[conv9]"), "no module 'conv9'")
 
 
+@pytest.mark.slow
 def test_resume_with_other_data_or_arch_names_both(tmp_path):
     run = tmp_path / "r"
     assert train(*TINY, f"run_dir={run}").returncode == 0
@@ -179,6 +184,7 @@ def test_resume_with_other_data_or_arch_names_both(tmp_path):
                    "model.arch='convnet_small'")
 
 
+@pytest.mark.slow
 def test_an_unreadable_cache_is_rebuilt_with_a_line(tmp_path):
     root, cache = _tree(tmp_path / "t"), tmp_path / "cache"
     args = _folder(root, f"out_dir={tmp_path / 'runs'}", f"data.cache_dir={cache}")
@@ -190,6 +196,7 @@ def test_an_unreadable_cache_is_rebuilt_with_a_line(tmp_path):
     assert "unreadable" in proc.stdout and "decoding the images again" in proc.stdout
 
 
+@pytest.mark.slow
 def test_skipped_images_are_counted_and_listed(tmp_path):
     root = _tree(tmp_path / "s", images=3)
     (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG broken")
@@ -201,6 +208,7 @@ def test_skipped_images_are_counted_and_listed(tmp_path):
 
 # ------------------------------------------------------------------------------------ output
 
+@pytest.mark.slow
 def test_log_file_output_is_small_and_summary_is_strict_json(tmp_path):
     run = tmp_path / "quiet"
     proc = train(*TINY, f"run_dir={run}", "eval.every_epochs=0", "train.epochs_per_round=2",
@@ -215,6 +223,7 @@ def test_log_file_output_is_small_and_summary_is_strict_json(tmp_path):
     assert "top-1 -" in proc.stdout                          # not measured: "-", never -1.00
 
 
+@pytest.mark.slow
 def test_seconds_add_up_over_resumed_segments(tmp_path):
     run = tmp_path / "seg"
     proc = start(*TINY, f"run_dir={run}", "train.epochs_per_round=4", "checkpoint.every_epochs=1")
@@ -229,6 +238,7 @@ def test_seconds_add_up_over_resumed_segments(tmp_path):
 
 # ---------------------------------------------------------------------------------- baseline
 
+@pytest.mark.slow
 def test_instance_baseline_makes_no_anchors_and_trains_the_same_steps(tmp_path):
     runs = {}
     for method in ("and", "instance"):

@@ -28,6 +28,7 @@ def demo_run(finished_demo_run):
     return finished_demo_run
 
 
+@pytest.mark.slow
 def test_demo_prints_the_round_table(demo_run):
     run, stdout = demo_run
     table = stdout[stdout.rindex("round  anchors  consistency  kNN top-1"):].splitlines()
@@ -35,6 +36,7 @@ def test_demo_prints_the_round_table(demo_run):
     assert "final kNN" in stdout and "picked on the test set" in stdout
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_run):
     run, _ = demo_run
     assert load_config(str(run / "config.yaml"), []).curriculum.rounds == 3
@@ -58,6 +60,7 @@ def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_ru
     assert any((run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_load_model_rebuilds_the_trained_model_from_a_run_directory(demo_run):
     import torch
     from and_dist.run import checkpoint
@@ -98,6 +101,7 @@ def test_global_batches_cover_every_sample_once_and_depend_only_on_seed_round_ep
     assert not a[0].equal(global_batches(1000, 128, 3, 0, 1, 3)[0])
 
 
+@pytest.mark.slow
 def test_fresh_runs_never_overwrite_each_other_and_resume_auto_finds_the_latest(tmp_path):
     args = ["--config", "demo", f"out_dir={tmp_path}", "name=again", "data.demo_train=200",
             "data.demo_test=50", "curriculum.rounds=1", "train.epochs_per_round=1", "eval.knn_k=10",
