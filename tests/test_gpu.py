@@ -7,8 +7,8 @@ keeps its runs on the CPU (conftest.py).
 Tolerance of resumed against uninterrupted (CUDA is not bit-reproducible here: bf16 autocast,
 autotuned cuDNN convolutions, atomics in the backward pass): the same anchors every round, each
 epoch's loss within 2 % (relative), neighbourhood consistency within 0.05 and final kNN top-1
-within 5 points. A resume that lost the bank, the curriculum or the optimizer is far outside that;
-the figures are set from the CPU runs' spread and not yet measured on a GPU."""
+within 5 points. These bounds are chosen, not yet measured: no GPU was lent when they were
+written, so the first GPU run should record the spread and tighten them."""
 import json
 import math
 import os
