@@ -33,7 +33,7 @@ from .run.entry import Session, main_decides, main_rank, user_error_exit
 from .platform.errors import UserError
 from .platform.log import RunLog, fmt
 from .platform.version import code_version
-from .run.stop import Stop, Stopped, exits_on_stop, raising
+from .run.stop import Stop, Stopped, exits_on_stop, raising, test_signal
 
 KINDS = ("knn", "probe", "all")
 
@@ -115,6 +115,7 @@ def knn(cfg: Config, env, model, log: RunLog, bank, ckpt: Path | None, dtype) ->
     from .eval.knn import knn_eval
     from .eval.weights import run_bank_rows
     data = build_data(cfg, env, None, log.info, log.tty)
+    test_signal("knn")                                            # test hook (AND_TEST_SIGNAL_AT)
     feats = None
     if cfg.eval.train_features == "bank":
         n = len(data.train)

@@ -82,3 +82,19 @@ def wandb_config(run: Path) -> dict:
     """The config the newest offline wandb run was started with."""
     (r,) = [r for r in wandb_records(run) if r.HasField("run")]
     return {i.key: json.loads(i.value_json) for i in r.run.config.update}
+
+
+def main_here(capsys, main, *args: str):
+    """An entry point's `main(args)` in this process, as a CompletedProcess (returncode = what main
+    returned): for checks of what it says, without an interpreter start. Subprocess tests hold the
+    exit-status contract (one per entry point). Restores the torch thread count it may set."""
+    import subprocess
+    threads = torch.get_num_threads()
+    try:
+        status = main(list(args))
+    except SystemExit as e:                   # config errors leave through sys.exit, as from a shell
+        status = e.code if isinstance(e.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), status, out, err)

@@ -61,6 +61,7 @@ def test_attention_loss_and_gradient_match_exact(single):
     assert g_ex.abs().max() > 0.1                       # a real gradient, not zeros
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_split_kv_over_ranks_matches_one_process(single, tmp_path, world):
     dtype, r = single
@@ -78,10 +79,14 @@ def test_split_kv_over_ranks_matches_one_process(single, tmp_path, world):
         assert (grad - g_ref).abs().max() < TOL[dtype], name
     bank = problem(getattr(torch, dtype))[0]
     truth = exact_entropy(bank.rows, bank.temperature)
+    sims = bank.rows.double() @ bank.rows.double().T
+    truth_nbrs = sims.fill_diagonal_(float("-inf")).topk(2, dim=1).indices     # brute force, self excluded
+    one = discover(bank, k=2, chunk=100, kernel="exact")                         # this process, one rank
+    assert torch.equal(one.neighbours, truth_nbrs)
     for kernel in ("exact", "attention"):
         entropy, neighbours = got[f"discover-{kernel}"]
         assert (entropy - truth).abs().max() < 1e-4, kernel
-        assert torch.equal(neighbours, got["discover-exact"][1]), kernel
+        assert torch.equal(neighbours, truth_nbrs), kernel
 
 
 def test_attention_entropy_matches_exact_and_combines_over_slices():

@@ -96,6 +96,7 @@ def test_print_commands_prints_each_run_bases_first_and_runs_nothing(tmp_path, c
 
 # --------------------------------------------------------------------------------- the runs
 
+@pytest.mark.slow
 def test_every_arm_branches_from_its_seeds_base_and_the_table_is_their_statistics(compared):
     root, stdout = compared
     result = json.loads((root / "compare.json").read_text())
@@ -118,6 +119,7 @@ def test_every_arm_branches_from_its_seeds_base_and_the_table_is_their_statistic
     assert rows[("and", 0)]["knn_top1"] == rows[("instance", 0)]["knn_top1"]   # one shared round 0
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_middle_of_an_arm_exits_143_and_the_rerun_continues_it(compared, tmp_path):
     proc = compare(tmp_path, "0")
     arm = tmp_path / "c" / "seed0" / "and"

@@ -249,6 +249,7 @@ def test_parse_args():
     assert parse_args([]).name == "demo"
 
 
+@pytest.mark.slow
 def test_config_or_exit_subprocess():
     code = ("from and_dist.config import config_or_exit; "
             "config_or_exit(['--config','demo','train.batch_sise=3'])")

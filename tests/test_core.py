@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from and_dist.method.bank import ShardedBank
+from and_dist.method.bank import INIT_BLOCK, ShardedBank
+from and_dist.platform import dist
 from and_dist.method.curriculum import positive_sets
 from and_dist.method.loss import and_loss
 from and_dist.method.curriculum import anchor_count, consistency, select_anchors
@@ -33,23 +34,39 @@ def naive_loss(feats, bank_rows, idx, anchor, neighbours, temperature):
 
 
 def test_bank_init_is_unit_and_update_follows_momentum_rule():
-    bank = ShardedBank(100, 16, momentum=0.5, seed=3)
+    m = 0.3                          # not 0.5, where m and 1 - m are the same number
+    bank = ShardedBank(100, 16, momentum=m, seed=3)
     assert torch.allclose(bank.rows.norm(dim=1), torch.ones(100), atol=1e-6)
     before = bank.rows.clone()
     idx = torch.tensor([5, 17, 99])
     f = F.normalize(torch.randn(3, 16), dim=1)
     bank.update(idx, f)
-    expect = F.normalize(0.5 * before[idx] + 0.5 * f, dim=1)
+    expect = F.normalize(m * before[idx] + (1 - m) * f, dim=1)
     assert torch.allclose(bank.rows[idx], expect, atol=1e-6)
+    assert not torch.allclose(bank.rows[idx], F.normalize((1 - m) * before[idx] + m * f, dim=1), atol=1e-3)
     untouched = torch.ones(100, dtype=torch.bool)
     untouched[idx] = False
     assert torch.equal(bank.rows[untouched], before[untouched])
 
 
-def test_bank_init_does_not_depend_on_seed_block_cut():
-    a, b = ShardedBank(200, 8, seed=1), ShardedBank(200, 8, seed=2)
-    assert not torch.allclose(a.rows, b.rows)
-    assert torch.equal(ShardedBank(200, 8, seed=1).rows, a.rows)
+def _rows_of_rank(n: int, dim: int, seed: int, world: int, rank: int) -> torch.Tensor:
+    """The initial rows rank `rank` of `world` draws, without a process group (lo, hi set by hand)."""
+    bank = ShardedBank.__new__(ShardedBank)
+    bank.n, bank.dim = n, dim
+    bank.lo, bank.hi = dist.shard_range(n, world, rank)
+    return bank._random_rows(seed)
+
+
+def test_bank_init_does_not_depend_on_world_size_or_block_cut():
+    n = 150_000                                   # above INIT_BLOCK: rows come from 3 seeded blocks
+    assert n > 2 * INIT_BLOCK
+    whole = ShardedBank(n, 8, seed=1).rows
+    for world in (2, 3):                          # shard edges (50,000, 100,000) cut inside the blocks
+        parts = [_rows_of_rank(n, 8, 1, world, r) for r in range(world)]
+        assert [len(p) for p in parts] == dist.shard_sizes(n, world)
+        assert torch.equal(torch.cat(parts), whole), world
+    assert not torch.allclose(ShardedBank(200, 8, seed=2).rows, ShardedBank(200, 8, seed=1).rows)
+    assert torch.equal(ShardedBank(200, 8, seed=1).rows, whole[:200])
 
 
 @pytest.mark.parametrize("with_anchors", [False, True])
@@ -87,10 +104,10 @@ def test_loss_is_stable_in_log_space():
     assert torch.isfinite(losses).all() and (losses > 50).all()
 
 
-@pytest.mark.parametrize("backend,chunk", [("torch", 64), ("torch", 10_000), ("faiss", 97)])
-def test_discovery_matches_released_algorithm(backend, chunk):
-    bank = ShardedBank(700, 16, temperature=0.1, seed=5)
-    ref_entropy, ref_nbrs = naive_discovery(bank.rows, 0.1, k=3)
+@pytest.mark.parametrize("backend,chunk,temperature", [("torch", 64, 0.05), ("torch", 10_000, 0.1), ("faiss", 97, 0.2)])
+def test_discovery_matches_released_algorithm(backend, chunk, temperature):
+    bank = ShardedBank(700, 16, temperature=temperature, seed=5)   # the bank's T, not the default 0.1
+    ref_entropy, ref_nbrs = naive_discovery(bank.rows, temperature, k=3)
     got = discover(bank, k=3, chunk=chunk, backend=backend)
     assert torch.allclose(got.entropy, ref_entropy, atol=1e-5)
     assert torch.equal(got.neighbours, ref_nbrs)

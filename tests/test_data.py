@@ -400,6 +400,7 @@ def _jitter_inputs(n: int = 16, seed: int = 3):
     return x, factors.view(n, 4, 1, 1, 1), torch.rand(n, 4, generator=g).argsort(1)
 
 
+@pytest.mark.slow
 def test_compiled_jitter_is_one_graph_equal_to_eager_from_a_worker_thread():
     """What CUDA runs (the masked jitter through torch.compile) captured whole, with the eager
     result, when called where the prefetcher calls it: on another thread."""

@@ -1,6 +1,7 @@
 """Real multi-process runs (torchrun, gloo on CPU): any world size gives the single-process result."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,13 @@ import torch
 from and_dist.method.bank import ShardedBank
 from and_dist.method.curriculum import select_anchors
 from and_dist.method.discovery import discover
+from and_dist.eval.knn import knn_accuracy
+from and_dist.platform import dist
+
+sys.path.insert(0, str(WORKERS))
+from dist_worker import CLASSES, KNN_K, knn_predictions, knn_problem  # noqa: E402
+
+pytestmark = pytest.mark.slow          # every test here starts processes (or uses a fixture that does)
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -23,7 +31,7 @@ REPO = HERE.parent
 def torchrun(world: int, args: list[str], timeout: float = 300, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
            f"--master_port={free_port()}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **popen.pop("env", {})}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **popen)
 
@@ -39,8 +47,9 @@ TINY = ["--config", "demo", "data.demo_train=300", "data.demo_test=100", "model.
         "discovery.chunk=64", "train.dtype=float64", "log.every_steps=1"]
 
 
-def train(world: int, out_dir: Path, name: str, *extra: str) -> subprocess.Popen:
-    return torchrun(world, ["-m", "and_dist.train", *TINY, f"run_dir={out_dir / name}", f"name={name}", *extra])
+def train(world: int, out_dir: Path, name: str, *extra: str, **popen) -> subprocess.Popen:
+    return torchrun(world, ["-m", "and_dist.train", *TINY, f"run_dir={out_dir / name}", f"name={name}", *extra],
+                    **popen)
 
 
 def step_losses(run: Path) -> list[float]:
@@ -86,6 +95,7 @@ def test_float32_world_sizes_agree_to_float32_noise(tmp_path):
         code, log = finish(train(world, tmp_path, f"f{world}", "train.dtype=float32", "curriculum.rounds=1"))
         assert code == 0, log
         runs[world] = step_losses(tmp_path / f"f{world}")
+    assert len(runs[1]) == len(runs[2]) == 15
     assert runs[1][0] == runs[2][0]
     assert max(abs(a - b) for a, b in zip(runs[1], runs[2])) < 1e-4
 
@@ -100,39 +110,62 @@ def test_global_batch_norm_makes_bn_models_world_size_independent(tmp_path):
         assert code == 0, log
         losses[world] = step_losses(tmp_path / name)
         summaries[world] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert len(losses[1]) == len(losses[2]) == 15
     assert max(abs(a - b) for a, b in zip(losses[1], losses[2])) < 1e-5
     assert summaries[1]["final_knn_top1"] == summaries[2]["final_knn_top1"]
 
 
-def _interrupt_after(proc: subprocess.Popen, run: Path, steps: int) -> None:
-    """SIGTERM the job once `steps` more step events have been logged; wait for it to stop."""
-    metrics = run / "metrics.jsonl"
-    start = len(step_losses(run)) if metrics.exists() else 0
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(step_losses(run)) >= start + steps:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+MID_EPOCH = re.compile(r"r\d+-e\d+-s[1-9]\d*")          # a stop's checkpoint, not an epoch's or a round's
+
+
+def _stopped_after(world: int, out_dir: Path, name: str, steps: int, *extra: str) -> str:
+    """Run until the product's test hook stops the segment as a SIGTERM would, after `steps` steps
+    (one more with several ranks); the name of the checkpoint that the stop saved."""
+    env = {"AND_TEST_STOP_AFTER_STEPS": str(steps)}
+    code, log = finish(train(world, out_dir, name, *extra, env=env))
+    assert code != 0 and "exitcode  : 143" in log, log                      # a rank exited 128 + SIGTERM
+    latest = (out_dir / name / "checkpoints" / "latest").read_text().strip()
+    assert MID_EPOCH.fullmatch(latest), latest
+    assert f"stopped by signal {int(signal.SIGTERM)} at" in log, log
+    return latest
+
+
+def _curriculum(ckpt: Path) -> dict:
+    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["curriculum"]
 
 
 def test_interrupt_and_resume_across_world_sizes(reference, tmp_path):
-    """2 ranks, SIGTERM mid-epoch -> resume on 1 rank, SIGTERM -> resume on 3 ranks to the end."""
-    run = tmp_path / "r"
-    _interrupt_after(train(2, tmp_path, "r"), run, steps=4)
-    assert "-s" in (run / "checkpoints" / "latest").read_text()  # stopped mid-epoch
-    _interrupt_after(train(1, tmp_path, "r", "resume=auto"), run, steps=6)
-    code, log = finish(train(3, tmp_path, "r", "resume=auto"))
-    assert code == 0, log
+    """2 ranks stopped mid-epoch in round 0 -> 1 rank resumes, discovers round 1 and is stopped a
+    few steps after -> 3 ranks resume it (anchors and neighbours restored) to the end: every step
+    loss, the bank, the anchors and the neighbours equal the uninterrupted run's (float64)."""
+    run, per_round = tmp_path / "r", 15                       # TINY: 5 steps an epoch, 3 epochs a round
+    assert _stopped_after(2, tmp_path, "r", 6) == "r0-e1-s2"    # 7 steps: the flag is agreed a step late
+    assert len(step_losses(run)) == 7
+    stop = _stopped_after(1, tmp_path, "r", 11, "resume=auto")
+    assert stop == "r1-e0-s3" and len(step_losses(run)) == 18 > per_round      # round 1, after its discovery
+    assert [e["step"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if e["event"] == "discovery"] == [per_round]
+    ref_end = reference / "checkpoints" / "r1-end"           # round 1's curriculum, set at its discovery
+    for ckpt in (run / "checkpoints" / stop, None):
+        if ckpt is None:                                      # the 3-rank segment's own, at the end
+            code, log = finish(train(3, tmp_path, "r", "resume=auto"))
+            assert code == 0, log
+            assert f"resuming {run / 'checkpoints' / stop} at round 1 epoch 0 step 3" in log, log
+            ckpt = run / "checkpoints" / "r1-end"
+        got, ref = _curriculum(ckpt), _curriculum(ref_end)
+        assert int(ref["anchor"].sum()) == 150
+        for key in ("anchor", "neighbours", "entropy"):
+            assert got[key].shape == ref[key].shape and torch.allclose(got[key].double(), ref[key].double(),
+                                                                       rtol=0, atol=1e-9), key
     ref, got = step_losses(reference), step_losses(run)
-    assert len(got) == len(ref)
-    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5
-    assert torch.allclose(final_bank(run), final_bank(reference), atol=1e-8)
+    assert len(got) == len(ref) == 2 * per_round
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-9
+    assert torch.allclose(final_bank(run), final_bank(reference), rtol=0, atol=1e-9)
     ref_sum = json.loads((reference / "summary.json").read_text())
     got_sum = json.loads((run / "summary.json").read_text())
     assert got_sum["final_knn_top1"] == ref_sum["final_knn_top1"]
+    keys = ("round", "anchors", "consistency", "knn_top1")    # top-5 can flip a tie on float noise
+    assert [[r[k] for k in keys] for r in got_sum["rounds"]] == [[r[k] for k in keys] for r in ref_sum["rounds"]]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -150,18 +183,34 @@ def test_sharded_discovery_equals_single_process(tmp_path, world):
             assert torch.equal(select_anchors(entropy, count), select_anchors(ref.entropy, count))
 
 
+def naive_knn_top1(queries, train, labels, k: int) -> torch.Tensor:
+    """Wu et al.'s weighted vote in float64, by brute force: each query's first class."""
+    v, i = (queries.double() @ train.double().T).topk(k, dim=1)
+    votes = torch.zeros(len(queries), CLASSES, dtype=torch.float64).scatter_add_(1, labels[i], torch.exp(v / 0.1))
+    return votes.argmax(1)
+
+
 def test_sharded_knn_equals_single_process(tmp_path):
+    """3 ranks, each with a third of the train features: every query's top-1 class equals one
+    process's and a brute-force vote's, on clustered data where the neighbours that vote matter
+    (k - 1 or k + 1 of them, or one rank's third alone, change some queries' class)."""
     out = tmp_path / "k.pt"
     code, log = finish(torchrun(3, [str(WORKERS / "dist_worker.py"), "knn", str(out)]))
     assert code == 0, log
-    import torch.nn.functional as F
-    from and_dist.eval.knn import knn_accuracy
-    g = torch.Generator().manual_seed(0)
-    train_f = F.normalize(torch.randn(1001, 32, generator=g), dim=1)
-    labels = torch.randint(0, 10, (1001,), generator=g)
-    queries = F.normalize(torch.randn(200, 32, generator=g), dim=1)
-    qlabels = torch.randint(0, 10, (200,), generator=g)
-    assert torch.load(out, weights_only=False) == knn_accuracy(queries, qlabels, train_f, labels, 10, k=50, sigma=0.1)
+    got = torch.load(out, weights_only=False)
+    train_f, labels, queries, qlabels = knn_problem()
+    single = knn_predictions(queries, train_f, labels)
+    ref = naive_knn_top1(queries, train_f, labels, KNN_K)
+    assert torch.equal(single, ref)                                       # query by query
+    assert torch.equal(got["predictions"], ref)
+    assert got["accuracy"] == knn_accuracy(queries, qlabels, train_f, labels, CLASSES, k=KNN_K, sigma=0.1)
+    top1 = (ref == qlabels).double().mean().item() * 100
+    assert got["accuracy"][0] == pytest.approx(top1) and top1 > 35        # far above chance (10 %)
+    # the mistakes this test exists to catch change some queries' class on this data
+    for k in (KNN_K - 1, KNN_K + 1):
+        assert naive_knn_top1(queries, train_f, labels, k).ne(ref).sum() >= 3, k
+    lo, hi = dist.shard_range(len(train_f), 3, 0)                         # rank 0 without the all-gather
+    assert naive_knn_top1(queries, train_f[lo:hi], labels[lo:hi], KNN_K).ne(ref).sum() > 20
 
 
 def test_a_failing_rank_brings_the_job_down(tmp_path):

@@ -730,6 +730,7 @@ def test_links_and_paths(doc):
         pytest.fail(f"{len(problems)} missing target(s) in {rel(doc)}:\n" + "\n".join(problems), pytrace=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", DEMOS, ids=lambda b: f"{rel(b.doc)}:{b.line}")
 def test_demo_block_runs(block, tmp_path):
     """A ```bash demo block runs as written: every command exits 0."""

@@ -134,6 +134,7 @@ def test_each_bad_label_file_is_one_line_naming_it(flat, tmp_path):
         assert "\n" not in message and all(w in message for w in words), (path.name, message)
 
 
+@pytest.mark.slow
 def test_a_flat_val_without_labels_and_an_unknown_subset_wnid_exit_2_with_one_line(flat, tmp_path):
     root, _ = flat
     (tmp_path / "ten.txt").write_text("# a list\n" + "\n".join(WNIDS[:9] + ["n07777777"]) + "\n")
@@ -154,6 +155,7 @@ def test_the_imagenet100_list_is_cmc_s_hundred_wnids(flat):
     assert cfg.data.classes == str(REPO / "configs" / "imagenet100.txt") and cfg.data.loader != "cached"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_a_flat_val_trains_and_evaluates_under_two_ranks(flat, tmp_path, loader):
     """Both loaders, 2 ranks, a flat val/ labelled by LOC_val_solution.csv; the DALI run also on a

@@ -1,36 +1,29 @@
 """init_from: a new run built from a finished run holds its weights and bank at its first step and
 starts at its next round; a weights file gives weights only; every mismatch is one line, exit 2,
 and leaves no run behind. (A branch trained to the end, stopped and resumed: test_compare.py.)"""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, final_bank
+from helpers import final_bank, main_here
 
 from and_dist.config import load_config
 from and_dist.platform import dist
 from and_dist.run import checkpoint, rundir
 from and_dist.run.stop import Stop
+from and_dist import train as entry
 from and_dist.train import build
 
-REPO = Path(__file__).parent.parent
-TINY = ["--config", "demo", "data.demo_train=200", "data.demo_test=50", "train.epochs_per_round=1",
+pytestmark = pytest.mark.slow          # every test here starts processes (or uses a fixture that does)
+
+TINY = ["--config", "demo", "data.demo_train=500", "data.demo_test=50", "train.epochs_per_round=1",
         "train.batch_size=100", "eval.knn_k=10", "eval.every_epochs=0", "train.threads=1", "log.progress=false"]
 
 
-def train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "and_dist.train", *TINY, *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=300, env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
-
-
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("source") / "run"
-    done = train(f"run_dir={run}", "curriculum.rounds=1")
-    assert done.returncode == 0, done.stderr
-    return run
+def source(finished_demo_run) -> Path:
+    """conftest's finished demo run: 3 rounds, 500 train images, its last checkpoint r2-end."""
+    return finished_demo_run[0]
 
 
 def built(tmp_path: Path, *overrides: str):
@@ -44,19 +37,19 @@ def built(tmp_path: Path, *overrides: str):
 
 
 def test_a_branch_starts_with_the_source_weights_and_bank_at_its_next_round(source, tmp_path):
-    trainer = built(tmp_path, f"init_from={source}", "curriculum.rounds=3")
-    saved = checkpoint.read_state(source / "checkpoints" / "r0-end")
+    trainer = built(tmp_path, f"init_from={source}", "curriculum.rounds=5")
+    saved = checkpoint.read_state(source / "checkpoints" / "r2-end")
     assert all(torch.equal(v, saved["model"][k]) for k, v in trainer.model.state_dict().items())
     assert torch.equal(trainer.bank.rows, final_bank(source))
     p = trainer.progress
-    assert (p.round, p.epoch, p.step, p.global_step) == (1, 0, 0, saved["progress"]["global_step"])
+    assert (p.round, p.epoch, p.step, p.global_step) == (3, 0, 0, saved["progress"]["global_step"])
     assert p.rounds == saved["progress"]["rounds"]
     assert trainer.opt.state == {}                       # the optimizer is not carried
 
 
 def test_a_weights_file_gives_the_weights_only(source, tmp_path):
     weights = tmp_path / "weights.pth"
-    torch.save(checkpoint.read_state(source / "checkpoints" / "r0-end")["model"], weights)
+    torch.save(checkpoint.read_state(source / "checkpoints" / "r2-end")["model"], weights)
     fresh = built(tmp_path / "a")
     trainer = built(tmp_path / "b", f"init_from={weights}")
     assert all(torch.equal(v, torch.load(weights)[k]) for k, v in trainer.model.state_dict().items())
@@ -67,11 +60,12 @@ def test_a_weights_file_gives_the_weights_only(source, tmp_path):
     ("model.arch=convnet_gn", "the source has model.arch='convnet_small', this run has model.arch='convnet_gn'"),
     ("model.low_dim=64", "the source has model.low_dim=128, this run has model.low_dim=64"),
     ("data.image_size=24", "the source has data.image_size=32, this run has data.image_size=24"),
-    ("data.demo_train=300", "the source's memory bank has 200 rows, this run's data set has 300 train images"),
-    ("curriculum.rounds=1", "nothing is left to train"),
+    ("data.demo_train=300", "the source's memory bank has 500 rows, this run's data set has 300 train images"),
+    ("curriculum.rounds=3", "nothing is left to train"),
 ])
-def test_every_mismatch_is_one_line_exit_2_and_leaves_no_run(source, tmp_path, override, says):
-    done = train(f"out_dir={tmp_path}", "name=branch", f"init_from={source}", "curriculum.rounds=2", override)
+def test_every_mismatch_is_one_line_exit_2_and_leaves_no_run(source, tmp_path, override, says, capsys):
+    done = main_here(capsys, entry.main, *TINY, f"out_dir={tmp_path}", "name=branch", f"init_from={source}",
+                     "curriculum.rounds=4", override)                 # in this process: see test_runs for the status
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], done.stderr

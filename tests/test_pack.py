@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 
 from helpers import ENV, REPO, events, final_bank, jpeg
-from test_prepare import make_tree as big_tree
 
 from and_dist.config import ConfigError, load_config
 from and_dist.data import build_data
 from and_dist.data.pack import open_pack
 from and_dist.platform import dist
 from and_dist.platform.errors import UserError
+
+pytestmark = pytest.mark.slow          # every test here starts processes (or uses a fixture that does)
 
 CLASSES = ("n01", "n02", "n03")
 PER_CLASS = 12
@@ -109,9 +110,9 @@ def test_the_pack_is_tar_shards_with_checksums_that_standard_tools_read(tree, pa
     assert all(CLASSES[train.labels[i]] == train.names[i].split("/")[1] for i in range(len(train)))
 
 
-def test_prepare_pack_killed_midway_resumes_to_the_pack_of_a_run_left_alone(tmp_path):
+def test_prepare_pack_killed_midway_resumes_to_the_pack_of_a_run_left_alone(tmp_path, big_jpeg_tree):
     """Large noisy JPEGs resized to 64 px (slow: the kill lands midway), 16K shards."""
-    big = big_tree(tmp_path / "big")
+    big = big_jpeg_tree                     # conftest: test_prepare.make_tree, made once
     opts = ("--shard-size=16K", "--shorter-side=64")
     labels = f"--val-labels={big / 'LOC_val_solution.csv'}"
     dst = tmp_path / "pack"

@@ -146,15 +146,9 @@ def plot_runs(*args, cwd=REPO) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory) -> Path:
-    """A finished 2-round demo run of the trainer."""
-    out = tmp_path_factory.mktemp("runs")
-    done = subprocess.run([sys.executable, "-m", "and_dist.train", "--config", "demo", f"out_dir={out}",
-                           "data.demo_train=200", "data.demo_test=50", "curriculum.rounds=2",
-                           "train.epochs_per_round=1", "eval.knn_k=10", "train.threads=1"],
-                          cwd=REPO, text=True, capture_output=True, timeout=300, env=ENV)
-    assert done.returncode == 0, done.stderr
-    return next((out / "demo").iterdir())
+def real_run(finished_demo_run) -> Path:
+    """A finished 3-round demo run of the trainer (conftest's, made once)."""
+    return finished_demo_run[0]
 
 
 def in_progress_run(root: Path) -> Path:
@@ -168,17 +162,19 @@ def in_progress_run(root: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_plot_runs_draws_two_runs_in_one_chart(real_run, tmp_path):
     other = in_progress_run(tmp_path)
     done = plot_runs(real_run, other, "--out", tmp_path / "cmp.png")
     assert done.returncode == 0, done.stderr
     summary = json.loads((real_run / "summary.json").read_text())
     first = done.stdout.splitlines()[0]
-    assert first.startswith(f"demo/{real_run.name}:")
+    assert first.startswith(f"{real_run.parent.name}/{real_run.name}:")
     assert f"r1={summary['rounds'][1]['knn_top1']:.2f}" in first
     assert f"demo_instance/{other.name} [instance]: kNN top-1 r0=20.00 r1=23.00 r2=26.00" in done.stdout
     # consistency beside it: the anchors' per round, all samples' from the diagnostic lines
-    (diag,) = [json.loads(l) for l in (real_run / "metrics.jsonl").read_text().splitlines() if '"diagnostics"' in l]
+    diag = [json.loads(l) for l in (real_run / "metrics.jsonl").read_text().splitlines() if '"diagnostics"' in l][0]
+    assert diag["round"] == 1
     assert f"r1={summary['rounds'][1]['consistency']:.3f}/{diag['all_consistency']:.3f}" in first
     assert "consistency anchors/all r0=-/- r1=0.550/- r2=0.600/-" in done.stdout
     image = pixels(tmp_path / "cmp.png")
@@ -186,6 +182,7 @@ def test_plot_runs_draws_two_runs_in_one_chart(real_run, tmp_path):
     assert share_of(image, BLUE, 0) > 0.001 and share_of(image, ORANGE, 0) > 0.001
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["missing", "empty_dir", "not_json"])
 def test_plot_runs_fails_clearly_on_a_path_that_is_not_a_run(real_run, tmp_path, bad):
     path = tmp_path / bad

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import ENV, REPO
@@ -52,8 +53,9 @@ def _wait_for_images(proc, dst: Path, n: int) -> None:
         time.sleep(0.005)
 
 
-def test_prepare_killed_midway_resumes_to_the_output_of_a_run_left_alone(tmp_path):
-    src = make_tree(tmp_path / "src")
+@pytest.mark.slow
+def test_prepare_killed_midway_resumes_to_the_output_of_a_run_left_alone(tmp_path, big_jpeg_tree):
+    src = big_jpeg_tree                     # conftest: made once (make_tree below)
     alone = _prepare(src, tmp_path / "alone")
     out, _ = alone.communicate(timeout=120)
     assert alone.returncode == 0, out
@@ -87,10 +89,11 @@ def test_prepare_killed_midway_resumes_to_the_output_of_a_run_left_alone(tmp_pat
     assert all(check_image(str(dst / name))[3] is None for name in images)
 
 
-def test_prepare_stopped_by_sigterm_exits_143_leaves_no_part_and_continues(tmp_path):
+@pytest.mark.slow
+def test_prepare_stopped_by_sigterm_exits_143_leaves_no_part_and_continues(tmp_path, big_jpeg_tree):
     """SIGTERM (to the process, as a user's kill; SLURM's reaches the workers too) midway: exit
     128 + 15, no hidden part file left, every final name complete; the rerun finishes the copy."""
-    src = make_tree(tmp_path / "src")
+    src = big_jpeg_tree                     # conftest: made once (make_tree below)
     dst = tmp_path / "dst"
     proc = _prepare(src, dst, start_new_session=True)
     _wait_for_images(proc, dst, 4)

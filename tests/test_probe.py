@@ -2,6 +2,7 @@
 of a small AlexNet-BN run (probes.json, chart, metrics, offline wandb), 2 ranks against 1, and a
 SIGTERM mid-probe resumed to the uninterrupted result."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -94,6 +95,7 @@ def reference(pretrained, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_probe_writes_json_chart_metrics_and_wandb(reference):
     run = reference
     out = json.loads((run / "probes.json").read_text())
@@ -119,6 +121,7 @@ def test_probe_writes_json_chart_metrics_and_wandb(reference):
     assert rows[0]["_step"] > final[0]["step"] > 0                  # after the pretraining's steps
 
 
+@pytest.mark.slow
 def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pretrained, reference, tmp_path):
     run = copy_run(pretrained, tmp_path, "run")
     cmd = [sys.executable, "-m", "and_dist.probe", "--checkpoint", str(run), *PROBE]
@@ -130,11 +133,14 @@ def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pre
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out + err
-    assert "-s" in latest.read_text() and "Traceback" not in out + err     # stopped mid-epoch
+    assert "Traceback" not in out + err
+    where = re.search(r"stopped by signal 15 at epoch (\d+) step (\d+)", out + err)
+    assert where and latest.read_text().strip() == "e{}-s{}".format(*where.groups()), out + err   # the stop's own save
     assert not json.loads((run / "probes.json").read_text())["finished"]
     again = probe("--checkpoint", str(run), *PROBE)
     assert again.returncode == 0 and "resuming" in again.stdout, again.stdout + again.stderr
     got, want = (json.loads((r / "probes.json").read_text()) for r in (run, reference))
+    assert len(got["history"]) == len(want["history"]) == 3
     for g, w in zip(got["history"], want["history"]):
         for n in CONVS:
             for key in ("top1", "top5", "loss"):
@@ -145,6 +151,7 @@ def test_sigterm_mid_probe_saves_and_the_rerun_finishes_with_the_same_result(pre
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_after_train_probes_stopped_and_resumed_keep_every_probe_line(pretrained, tmp_path):
     """A resumed run restores the metrics file to its latest checkpoint, the probes' one once the
     probes have started: the probe epochs logged before the stop stay, none is logged twice."""
@@ -169,6 +176,7 @@ def test_after_train_probes_stopped_and_resumed_keep_every_probe_line(pretrained
 
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_same_probes_as_one(pretrained, tmp_path):
     """The heads' BN statistics and gradient span the global batch: the split across ranks does
     not change them."""
@@ -188,6 +196,7 @@ def test_two_ranks_train_the_same_probes_as_one(pretrained, tmp_path):
         assert abs(b[n]["top1"] - a[n]["top1"]) <= 1.0        # at most one of 100 test images differs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["probe.layers=[conv9]"], "no module 'conv9'"),
     (["probe.epochs=0"], "probe.epochs"),
@@ -199,6 +208,7 @@ def test_user_errors_exit_2_with_one_line(pretrained, tmp_path, args, needle):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_exits_2(tmp_path):
     proc = probe("--checkpoint", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr, proc.stderr

@@ -73,6 +73,7 @@ def _flip(f: Path):
     f.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part, damage, says", [
     ("state.pt", _truncate, "bytes, the manifest says"),
     ("bank-0.pt", Path.unlink, "bank-0.pt: missing"),
@@ -91,6 +92,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_to_the_same_
     checkpoint.verify(run / "checkpoints" / "r0-end")             # the re-run wrote it again, intact
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_or_a_damaged_one_named_is_one_line_exit_2(reference, tmp_path):
     run = copy_of(reference, tmp_path)
     _flip(run / "checkpoints" / "r0-end" / "state.pt")
@@ -113,6 +115,7 @@ def _file_limit(limit: int):
     return set_limit
 
 
+@pytest.mark.slow
 def test_a_save_that_cannot_write_leaves_the_previous_checkpoint_latest(reference, tmp_path):
     """state.pt (2 MB) exceeds the limit, every other file stays under it."""
     run = copy_of(reference, tmp_path)
@@ -130,6 +133,7 @@ def test_a_save_that_cannot_write_leaves_the_previous_checkpoint_latest(referenc
 
 # ---------------------------------------------------------------------- a kill inside a write
 
+@pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_resumes_from_the_previous(reference, tmp_path):
     """The hook holds each save 1 s with its files written; the kill lands in the second save."""
     run = tmp_path / "run"
@@ -190,6 +194,7 @@ def ended_by_us(err: str, timeout: int) -> list[str]:
     return said[0]
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it_and_the_run_resumes(tmp_path):
     """SIGSTOP lands wherever rank 1 is (a named wait, DDP's buffer broadcast, a GPU-free step)."""
     run = tmp_path / "run"
@@ -230,6 +235,7 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it_and_the_run_re
     assert "resuming" in resumed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["ddp_forward", "ddp_backward"])
 def test_a_rank_stopped_in_a_ddp_collective_is_named_and_ended(where):
     """The waits outside dist.py's helpers: DDP's buffer broadcast raises gloo's 'Application
@@ -246,6 +252,7 @@ def test_a_rank_stopped_in_a_ddp_collective_is_named_and_ended(where):
 
 # ------------------------------------------------------------------------ wandb across a resume
 
+@pytest.mark.slow
 def test_wandb_steps_keep_growing_across_resumes_from_one_checkpoint(tmp_path):
     """Resumed twice from the same checkpoint (the second time after a crash): every step sent to
     wandb (offline, real) is above every step it saw before, the true step beside it."""

@@ -155,6 +155,7 @@ def test_sinfo_lines_give_partitions_and_their_largest_nodes():
     assert [timed[p].max_minutes for p in ("short", "long", "free")] == [30, 2880, None]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_a_16_rank_batch_script_and_submits_nothing(tmp_path):
     proc = launch("--config", "imagenet_alexnet.yaml", "--dry-run", "--nodes", "2", "--gpus-per-node", "8",
                   f"out_dir={tmp_path}", "--sbatch", "reservation=r1", "--sbatch", "exclusive", cwd=tmp_path)
@@ -171,6 +172,7 @@ def test_dry_run_prints_a_16_rank_batch_script_and_submits_nothing(tmp_path):
     assert "submitted" not in proc.stdout and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_container_image_runs_every_task_in_it_with_the_paths_mounted(tmp_path):
     proc = launch("--config", "demo", "--dry-run", f"out_dir={tmp_path}", "--container-image", "/img/and_dist.sqsh",
                   "--container-mounts", "/scratch:/scratch")
@@ -179,6 +181,7 @@ def test_a_container_image_runs_every_task_in_it_with_the_paths_mounted(tmp_path
            "/opt/venv/bin/python -u -m submitit.core._submit" in srun, srun
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["model.arch=resnet9000"], "model.arch"),
     (["train.lrr=0.1"], "train.lrr"),
@@ -193,6 +196,7 @@ def test_bad_config_or_request_is_one_line_before_anything_is_submitted(tmp_path
 
 # ------------------------------------------------------------------------ on the cluster
 
+@pytest.mark.slow
 @needs_cluster
 @pytest.mark.parametrize("args,needle", [
     (["--partition", "nosuch"], "unknown partition 'nosuch'"),
@@ -219,6 +223,7 @@ def two_task_job(tmp_path_factory, local_reference):
     return {"proc": proc, "jobs": jobs, "info": wait_job(job, log), "out": out}
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_a_two_task_job_trains_exactly_like_one_local_process(two_task_job, local_reference):
     kind, job, run, log = two_task_job["jobs"][0]
@@ -233,6 +238,7 @@ def test_a_two_task_job_trains_exactly_like_one_local_process(two_task_job, loca
     assert script.strip() == (log.parent / f"{job}_submission.sh").read_text().strip()
 
 
+@pytest.mark.slow
 @needs_cluster
 @pytest.mark.skipif(find_spec("and_dist.probe") is None, reason="and_dist.probe is not in this tree yet")
 def test_the_probe_job_runs_after_pretraining_on_its_checkpoint(two_task_job):
@@ -246,6 +252,7 @@ def test_the_probe_job_runs_after_pretraining_on_its_checkpoint(two_task_job):
     assert "features" in probes["layers"]
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_usr2_mid_epoch_checkpoints_requeues_and_resumes_to_the_same_result(tmp_path, local_reference):
     proc = launch("--config", "demo", *TINY, f"out_dir={tmp_path}", *TWO_TASKS, "log.wandb_mode=offline",
@@ -282,6 +289,7 @@ def signal_during_training(job: str, run: Path, log: Path, sig: str = "USR2", af
     return seen
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_requeues_are_bounded_by_max_requeues(tmp_path):
     proc = launch("--config", "demo", *TINY, f"out_dir={tmp_path}", "--cpus-per-task", "1", "--time", "10",
@@ -294,6 +302,7 @@ def test_requeues_are_bounded_by_max_requeues(tmp_path):
     assert re.search(r"checkpoints/r\d-e\d-s\d+\n", log.read_text())         # it saved before it ended
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_a_run_that_fails_is_not_requeued(tmp_path):
     images = tmp_path / "images"
@@ -307,6 +316,7 @@ def test_a_run_that_fails_is_not_requeued(tmp_path):
     assert "failed with exit status 2" in log.with_suffix(".err").read_text()
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_a_sweep_is_one_job_array_with_a_named_run_per_value(tmp_path):
     short = [o for o in TINY if not o.startswith(("curriculum.rounds", "train.epochs_per_round"))]

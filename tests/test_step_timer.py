@@ -3,6 +3,7 @@ import json
 import re
 import time
 
+import pytest
 import torch
 
 from and_dist import train
@@ -42,6 +43,7 @@ def _run(tmp_path, name, capsys, *extra):
     return [e for e in events if e["event"] == "epoch"], out
 
 
+@pytest.mark.slow
 def test_a_slow_data_source_shows_in_every_epoch_line_and_event(tmp_path, capsys, monkeypatch):
     fast, _ = _run(tmp_path, "fast", capsys)
     build = CachedData._build

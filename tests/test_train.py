@@ -5,7 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import main_here
 
+from and_dist import train
 from and_dist.run import rundir
 from and_dist.config import load_config
 from and_dist.data.sampler import global_batches
@@ -21,16 +23,12 @@ def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    proc = run_train("--config", "demo", f"out_dir={out}", "name=small", "data.demo_train=500",
-                     "data.demo_test=200", "curriculum.rounds=3", "train.epochs_per_round=2",
-                     "eval.knn_k=20", "log.wandb_mode=offline", "train.threads=1", "log.every_steps=1")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (run,) = rundir.runs_of(out / "small")
-    return run, proc.stdout
+def demo_run(finished_demo_run):
+    """conftest's finished 3-round demo run (500 train / 200 test images, 2 epochs a round)."""
+    return finished_demo_run
 
 
+@pytest.mark.slow
 def test_demo_prints_the_round_table(demo_run):
     run, stdout = demo_run
     table = stdout[stdout.rindex("round  anchors  consistency  kNN top-1"):].splitlines()
@@ -38,6 +36,7 @@ def test_demo_prints_the_round_table(demo_run):
     assert "final kNN" in stdout and "picked on the test set" in stdout
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_run):
     run, _ = demo_run
     assert load_config(str(run / "config.yaml"), []).curriculum.rounds == 3
@@ -61,6 +60,7 @@ def test_run_directory_holds_config_metrics_summary_checkpoint_and_wandb(demo_ru
     assert any((run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_load_model_rebuilds_the_trained_model_from_a_run_directory(demo_run):
     import torch
     from and_dist.run import checkpoint
@@ -79,8 +79,8 @@ def test_load_model_rebuilds_the_trained_model_from_a_run_directory(demo_run):
     (["train.batch_size=abc"], "expects int"),
     (["data.source=imagefolder", "data.root=/nonexistent/imagenet"], "data.root"),
 ])
-def test_bad_input_exits_2_with_one_line(args, needle):
-    proc = run_train("--config", "demo", *args, timeout=60)
+def test_bad_input_exits_2_with_one_line(args, needle, capsys):
+    proc = main_here(capsys, train.main, "--config", "demo", *args)     # the exit status itself: test_runs
     assert proc.returncode == 2
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
@@ -101,19 +101,19 @@ def test_global_batches_cover_every_sample_once_and_depend_only_on_seed_round_ep
     assert not a[0].equal(global_batches(1000, 128, 3, 0, 1, 3)[0])
 
 
+@pytest.mark.slow
 def test_fresh_runs_never_overwrite_each_other_and_resume_auto_finds_the_latest(tmp_path):
     args = ["--config", "demo", f"out_dir={tmp_path}", "name=again", "data.demo_train=200",
             "data.demo_test=50", "curriculum.rounds=1", "train.epochs_per_round=1", "eval.knn_k=10",
             "train.threads=1", "log.every_steps=1"]
-    for _ in range(2):
-        proc = run_train(*args)
-        assert proc.returncode == 0, proc.stderr
+    procs = [run_train(*args) for _ in range(2)]
+    assert all(proc.returncode == 0 for proc in procs), [proc.stderr for proc in procs]
     first, second = rundir.runs_of(tmp_path / "again")
-    for run in (first, second):
+    for run, proc in ((first, procs[0]), (second, procs[1])):
         events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert sum(e["event"] == "step" for e in events) == 2  # 200 samples / 128: one run's two steps
         assert (run / "checkpoints" / "r0-end" / "state.pt").exists() and (run / "summary.json").exists()
-        assert f"run directory {run}" in proc.stdout or run == first
+        assert f"run directory {run}" in proc.stdout and "fresh run" in proc.stdout
     proc = run_train(*args, "resume=auto", "curriculum.rounds=2")
     assert proc.returncode == 0, proc.stderr
     assert f"run directory {second}" in proc.stdout and "resuming" in proc.stdout

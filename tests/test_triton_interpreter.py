@@ -114,6 +114,7 @@ def _attention_reference(q, rows, per):
     return torch.stack(lse), torch.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exact_out", [True, False])
 @pytest.mark.parametrize("splits", SPLITS)
 def test_lse_out_blocks_match_float64(kernels, splits, exact_out):
@@ -128,6 +129,7 @@ def test_lse_out_blocks_match_float64(kernels, splits, exact_out):
     assert (out - ref_out).abs().max() < (2e-6 if exact_out else 1e-3)
 
 
+@pytest.mark.slow
 def test_lse_out_exact_out_is_the_accurate_one(kernels):
     q, rows = _attention_inputs()
     ref_out = _attention_reference(q, rows, _keys_per_block(kernels, 2))[1]
@@ -135,6 +137,7 @@ def test_lse_out_exact_out_is_the_accurate_one(kernels):
     assert err[True] < err[False] / 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("splits", SPLITS)
 def test_lse_out_blocks_combine_to_the_whole_softmax(kernels, splits):
     from and_dist.method.kernels.attention import combine_blocks
@@ -158,6 +161,7 @@ def exact_discovery():
     return bank, _exact_entropy(bank.rows, T_DISC), discover(bank, k=K, chunk=CHUNK, kernel="exact")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_fused_discovery_matches_exact(kernels, exact_discovery, precision):
     entropy, neighbours = kernels["discover", precision]
@@ -174,12 +178,14 @@ def test_fused_discovery_matches_exact(kernels, exact_discovery, precision):
     assert same > (0.9 if precision == "bf16" else 0.999), (precision, same)
 
 
+@pytest.mark.slow
 def test_fused_discovery_precision_order(kernels, exact_discovery):
     truth = exact_discovery[1]
     err = {p: (kernels["discover", p][0] - truth).abs().max() for p in PRECISIONS}
     assert err["bf16x3"] < err["bf16"] / 10                        # why the split is the default
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16x3", "fp32"])
 def test_block_stats_on_another_slice(kernels, exact_discovery, precision):
     """Queries [0, 150) against bank slice [100, 300): global indices offset by the slice's start,

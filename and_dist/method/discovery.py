@@ -33,6 +33,8 @@ from .choices import resolve_kernel
 class Neighbourhood:
     entropy: torch.Tensor      # (N,) float64, entropy of each row's softmax over the bank
     neighbours: torch.Tensor   # (N, k) int64, nearest rows by cosine similarity, self excluded
+    kernel: str = ""           # what computed them (discover's resolved kernel and precision)
+    precision: str = ""
 
 
 class _Stats:
@@ -179,7 +181,7 @@ def discover(bank: ShardedBank, k: int = 1, chunk: int | str = "auto", backend: 
         slice_step(s_lo, srows)
     entropy = dist.all_gather_rows(stats.entropy(), bank.sizes)
     neighbours = dist.all_gather_rows(stats.top_i, bank.sizes)
-    return Neighbourhood(entropy.cpu(), neighbours.cpu())
+    return Neighbourhood(entropy.cpu(), neighbours.cpu(), kernel, precision)
 
 
 @dataclass

@@ -63,6 +63,9 @@ def write_durable(path: str | os.PathLike, fill) -> dict:
         with open(path, "wb") as f:
             sink = _Sink(f)
             try:
+                if os.environ.get("AND_TEST_SIGNAL_AT"):          # test hook: a stop inside this write
+                    from ..run.stop import test_signal
+                    test_signal(f"write:{path.name}")
                 fill(sink)
             except Exception as e:  # noqa: BLE001 - the sink knows the real OSError
                 if sink.error is not None:

@@ -10,7 +10,9 @@ check never blocks the device stream.
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -34,6 +36,15 @@ class Stopped(BaseException):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+
+def test_signal(point: str) -> None:
+    """Test hook: AND_TEST_SIGNAL_AT=<pattern> sends this process SIGTERM when the work reaches a
+    point whose name matches (fnmatch): "knn" (evaluate's kNN pass), "write:<file name>" (inside a
+    durable file write), so a test's stop lands inside that phase instead of racing it."""
+    at = os.environ.get("AND_TEST_SIGNAL_AT")
+    if at and fnmatch.fnmatchcase(point, at):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _raise(signum, frame):
@@ -107,6 +118,10 @@ class Stop:
         self.flag = torch.zeros(1)
         self.pending = None
         self.previous = {}
+        # Test hook: AND_TEST_STOP_AFTER_STEPS=n stops this segment as a SIGTERM would, after its
+        # n-th step in one process (n + 1 with several ranks: the flag is agreed a step later), so
+        # a test's stop lands at a chosen step instead of racing a signal.
+        self.test_steps = int(os.environ.get("AND_TEST_STOP_AFTER_STEPS", "-1") or -1)
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
@@ -123,6 +138,10 @@ class Stop:
         self.signum = signum
 
     def requested(self) -> bool:
+        if self.test_steps >= 0:
+            self.test_steps -= 1
+            if self.test_steps < 0:
+                self._on_signal(signal.SIGTERM, None)
         if self.group is None:
             return self.signum is not None
         stop = False

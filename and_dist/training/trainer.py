@@ -98,7 +98,8 @@ class Trainer(Loop):
         self.log.info(f"round {r}: {count} anchors, neighbourhood consistency {fmt(cons, '.4f')} "
                       f"({time.time() - t0:.1f}s)")
         self.log.event(event="discovery", round=r, anchors=count, consistency=cons,
-                       seconds=time.time() - t0, step=self.progress.global_step)
+                       seconds=time.time() - t0, step=self.progress.global_step, kernel=nbhd.kernel,
+                       precision=nbhd.precision, loss_kernel=self.shard_fn.__name__)   # what ran this round
         self.report.discovery(r, self.curriculum, self.data, self.progress.global_step)
 
     def train_epoch(self) -> EpochDone | None:
