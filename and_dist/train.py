@@ -78,7 +78,7 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
     forward = precision.wrap(forward, env.device, t.precision, channels_last, t.compile, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                           weight_decay=t.weight_decay)
-    bank = ShardedBank(len(data.train), cfg.model.low_dim, cfg.bank.temperature, cfg.bank.momentum,
+    bank = ShardedBank(len(data.train), cfg.model.low_dim, momentum=cfg.bank.momentum,
                        seed=t.seed, device=env.device, dtype=dtype)
     trainer = Trainer(cfg=cfg, env=env, run_dir=run, data=data, model=model, forward=forward, opt=opt, bank=bank,
                       curriculum=Curriculum(cfg.curriculum.anchor_rate, cfg.curriculum.method),

@@ -97,11 +97,11 @@ def worker(args) -> None:
 
     base = peak_rss()
     if args.method == "sharded":
-        bank = ShardedBank(n, D, temperature=T, momentum=m, seed=0)
+        bank = ShardedBank(n, D, momentum=m, seed=0)
 
         def step(feats, idx_all):
             positives = positive_sets(idx_all, anchor, neighbours)
-            objective, losses, all_feats = and_loss(feats, positives, bank, sizes)
+            objective, losses, all_feats = and_loss(feats, positives, bank, sizes, T)
             objective.backward()
             bank.update(idx_all, all_feats)
             return losses.mean()
@@ -241,7 +241,7 @@ def single(args) -> list[dict]:
         def ours(fn):
             def step():
                 feats = feats0.clone().requires_grad_()
-                objective, losses, all_feats = and_loss(feats, positives, bank, [args.batch], fn)
+                objective, losses, all_feats = and_loss(feats, positives, bank, [args.batch], 0.1, fn)
                 objective.backward()
                 bank.update(idx, all_feats)
                 return losses, feats.grad
@@ -249,7 +249,7 @@ def single(args) -> list[dict]:
 
         def released():
             feats = feats0.clone().requires_grad_()
-            logp = (feats @ bank.rows.T / bank.temperature).log_softmax(1)
+            logp = (feats @ bank.rows.T / 0.1).log_softmax(1)
             pos = logp.gather(1, positives.clamp(min=0)).masked_fill(positives < 0, float("-inf"))
             losses = -pos.logsumexp(1)
             losses.mean().backward()

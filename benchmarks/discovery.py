@@ -11,7 +11,7 @@ k = 1, anchor rate 0.25 x round 1, i.e. 25% anchors):
                  `(anchors == i).nonzero()` over the anchor list, O(N x anchors).
              With --loop-sample S < N, step (d) is timed on the first S samples and
              extrapolated linearly to N (the table says so).
-  ours       and_dist.discovery.discover(bank, k, chunk) + select_anchors(): entropy and the
+  ours       and_dist.discovery.discover(bank, T, k, chunk) + select_anchors(): entropy and the
              neighbours of every row in one pass, anchors as a boolean mask (no position loop).
              Timed for backend torch/fp32, faiss/fp32 and torch/bf16.
 
@@ -74,9 +74,9 @@ def reference(bank: torch.Tensor, k: int, count: int, T: float, loop_sample: int
     return entropy, anchors, neighbours, times, m < n
 
 
-def ours(bank: ShardedBank, k: int, count: int, chunk: int, backend: str, precision: str):
+def ours(bank: ShardedBank, temperature: float, k: int, count: int, chunk: int, backend: str, precision: str):
     t0 = time.perf_counter()
-    nbhd = discover(bank, k=k, chunk=chunk, backend=backend, precision=precision)
+    nbhd = discover(bank, temperature, k=k, chunk=chunk, backend=backend, precision=precision)
     anchor = select_anchors(nbhd.entropy, count)
     return anchor, nbhd.neighbours, time.perf_counter() - t0
 
@@ -110,12 +110,12 @@ def main() -> None:
             f"{'match':>6} {'anc_diff':>8} {'nbr_diff':>8} {'cut_gap':>8}")
     print(head)
     print("-" * len(head))
-    warm = ShardedBank(1000, args.dim, temperature=args.temperature, seed=1)  # warm-up, untimed
+    warm = ShardedBank(1000, args.dim, seed=1)  # warm-up, untimed
     reference(warm.rows, args.k, 250, args.temperature, 10)
     for backend, precision in configs:
-        ours(warm, args.k, 250, args.chunk, backend, precision)
+        ours(warm, args.temperature, args.k, 250, args.chunk, backend, precision)
     for n in args.sizes:
-        bank = ShardedBank(n, args.dim, temperature=args.temperature, seed=0)
+        bank = ShardedBank(n, args.dim, seed=0)
         count = anchor_count(args.round, n, args.rate)
         ref_runs, runs = [], {c: [] for c in configs}
         for _ in range(args.repeats):        # interleaved, so each ratio pairs runs of one moment
@@ -123,7 +123,7 @@ def main() -> None:
                                                                args.temperature, args.loop_sample)
             ref_runs.append(sum(rt.values()))
             for c in configs:
-                runs[c].append(ours(bank, args.k, count, args.chunk, *c))
+                runs[c].append(ours(bank, args.temperature, args.k, count, args.chunk, *c))
         note = " (loop extrapolated)" if extrapolated else ""
         print(f"{n:>7} {'reference':<22} {_spread(ref_runs):>22} {'1.00':>17} {count:>8}")
         print(f"{'':>7}   last run: entropy {rt['entropy']:.2f}s, anchors {rt['anchors']:.3f}s, "

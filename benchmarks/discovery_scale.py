@@ -66,11 +66,11 @@ def worker(args) -> None:
 
     env = dist.init("cpu")
     torch.set_num_threads(args.threads)
-    discover(ShardedBank(4000, args.dim, seed=1), k=1, chunk=args.chunk,      # warm-up, untimed
+    discover(ShardedBank(4000, args.dim, seed=1), 0.1, k=1, chunk=args.chunk,      # warm-up, untimed
              backend=args.backend, precision=args.precision)
 
     base = peak_rss()
-    bank = ShardedBank(args.rows, args.dim, temperature=0.1, seed=0)
+    bank = ShardedBank(args.rows, args.dim, seed=0)
     reset = reset_peak_rss()
     # Stop early only inside the first slice, where every rank does the same number of chunks.
     cap = args.max_rows if 0 < args.max_rows < min(bank.sizes) else None
@@ -85,7 +85,7 @@ def worker(args) -> None:
     dist.barrier()
     t0 = time.perf_counter()
     try:
-        discover(bank, k=1, chunk=args.chunk, backend=args.backend, precision=args.precision,
+        discover(bank, 0.1, k=1, chunk=args.chunk, backend=args.backend, precision=args.precision,
                  progress=progress)
     except _Stop:
         pass
@@ -208,21 +208,21 @@ def single(args) -> list[dict]:
           flush=True)
     warm = ShardedBank(3000, args.dim, seed=1, device=dev)
     for kernel, precision in methods:                                    # compile / warm up, untimed
-        discover(warm, 1, "auto", kernel=kernel, precision=precision)
+        discover(warm, 0.1, k=1, chunk="auto", kernel=kernel, precision=precision)
     head = (f"{'N':>8} {'bank':<10} {'method':<16} {'seconds':>8} {'x exact':>8} {'peak MiB':>9} "
             f"{'anchors=':>9} {'nbrs=':>8} {'anc nbrs=':>9} {'max |dH|':>9}")
     print(head + "\n" + "-" * len(head), flush=True)
     out = []
     for n in args.sizes:
         for kind in args.banks:
-            bank = ShardedBank(n, args.dim, temperature=0.1, device=dev)
+            bank = ShardedBank(n, args.dim, device=dev)
             if kind == "structured":
                 bank.rows.copy_(structured_rows(n, args.dim, device=dev))
             count = anchor_count(1, n, args.rate)
             runs = {}
             for kernel, precision in methods:
                 t0 = time.perf_counter()
-                nb, peak = device_peak(dev, lambda: discover(bank, 1, args.chunk, kernel=kernel, precision=precision))
+                nb, peak = device_peak(dev, lambda: discover(bank, 0.1, k=1, chunk=args.chunk, kernel=kernel, precision=precision))
                 runs[f"{kernel}/{precision}"] = (time.perf_counter() - t0, peak, nb.entropy, nb.neighbours,
                                                  select_anchors(nb.entropy, count))
             if n <= args.released_max:

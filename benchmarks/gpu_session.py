@@ -268,7 +268,7 @@ def kernel_checks(s: Session, n: int, batch: int, disc_n: int) -> None:
         bank = ShardedBank(n, 128, device=dev, dtype=dtype)
         bank.rows.copy_(rows.to(dtype))
         x = feats.clone().requires_grad_()
-        objective, losses, _ = and_loss(x, positives, bank, [batch], fn)
+        objective, losses, _ = and_loss(x, positives, bank, [batch], 0.1, fn)
         objective.backward()
         return losses.detach(), x.grad
 
@@ -288,10 +288,10 @@ def kernel_checks(s: Session, n: int, batch: int, disc_n: int) -> None:
             ok_g, e_g = agree(grad, truth[1], tol * 10)
             s.add("a", f"AND step {kernel} bank {name} N={n} vs float64", f"rel err loss {e_l:.1e} grad {e_g:.1e}", ok_l and ok_g)
 
-    bank = ShardedBank(disc_n, 128, temperature=0.1, device=dev)
+    bank = ShardedBank(disc_n, 128, device=dev)
     bank.rows.copy_(structured_rows(disc_n, 128, seed=2, device=dev))
     count = anchor_count(1, disc_n, 0.25)
-    ref = discover(bank, 1, kernel="exact", precision="fp32")
+    ref = discover(bank, 0.1, k=1, kernel="exact", precision="fp32")
     ref_anchors = select_anchors(ref.entropy, count)
     methods = [("exact", "bf16", 0.05, 0.99), ("attention", "fp32", 1e-4, 0.999), ("attention", "bf16", 0.05, 0.99)]
     if fused_available(dev):
@@ -299,7 +299,7 @@ def kernel_checks(s: Session, n: int, batch: int, disc_n: int) -> None:
     for kernel, precision, tol, share in methods:
         if not s.fits("a", f"discovery {kernel}/{precision}", 5):
             continue
-        got = discover(bank, 1, kernel=kernel, precision=precision)
+        got = discover(bank, 0.1, k=1, kernel=kernel, precision=precision)
         dh = (got.entropy - ref.entropy).abs().max().item()
         same = (select_anchors(got.entropy, count) & ref_anchors).sum().item() / max(count, 1)
         ok = math.isfinite(dh) and bool(torch.isfinite(got.entropy).all()) and dh <= tol and same >= share

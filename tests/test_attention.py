@@ -21,7 +21,7 @@ from and_dist.method.loss import shard_terms
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(WORKERS))
-from attention_worker import loss_and_grad, problem  # noqa: E402
+from attention_worker import T, loss_and_grad, problem  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 TOL = {"float64": 1e-6, "float32": 2e-5}   # the CPU kernel's logsumexp is float32-accurate
@@ -78,10 +78,10 @@ def test_split_kv_over_ranks_matches_one_process(single, tmp_path, world):
         assert (losses - l_ref).abs().max() < TOL[dtype] * 5, name
         assert (grad - g_ref).abs().max() < TOL[dtype], name
     bank = problem(getattr(torch, dtype))[0]
-    truth = exact_entropy(bank.rows, bank.temperature)
+    truth = exact_entropy(bank.rows, T)
     sims = bank.rows.double() @ bank.rows.double().T
     truth_nbrs = sims.fill_diagonal_(float("-inf")).topk(2, dim=1).indices     # brute force, self excluded
-    one = discover(bank, k=2, chunk=100, kernel="exact")                         # this process, one rank
+    one = discover(bank, T, k=2, chunk=100, kernel="exact")                         # this process, one rank
     assert torch.equal(one.neighbours, truth_nbrs)
     for kernel in ("exact", "attention"):
         entropy, neighbours = got[f"discover-{kernel}"]
@@ -90,7 +90,7 @@ def test_split_kv_over_ranks_matches_one_process(single, tmp_path, world):
 
 
 def test_attention_entropy_matches_exact_and_combines_over_slices():
-    bank = ShardedBank(900, 32, temperature=0.1, seed=2, dtype=torch.float64)
+    bank = ShardedBank(900, 32, seed=2, dtype=torch.float64)
     rows = bank.rows
     truth = exact_entropy(rows, 0.1)
     lse, mean_logit = attention_entropy(rows, rows, 0.1)
@@ -103,9 +103,9 @@ def test_attention_entropy_matches_exact_and_combines_over_slices():
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_discovery_attention_kernel_matches_exact(backend):
-    bank = ShardedBank(1500, 32, temperature=0.1, seed=7)
-    ref = discover(bank, k=3, chunk=200, kernel="exact")
-    got = discover(bank, k=3, chunk="auto", kernel="attention", backend=backend)
+    bank = ShardedBank(1500, 32, seed=7)
+    ref = discover(bank, 0.1, k=3, chunk=200, kernel="exact")
+    got = discover(bank, 0.1, k=3, chunk="auto", kernel="attention", backend=backend)
     assert (got.entropy - ref.entropy).abs().max() < 2e-5
     assert torch.equal(got.neighbours, ref.neighbours)
 
@@ -134,7 +134,7 @@ def test_explicit_chunk_too_large_fails_in_one_line_with_the_largest_that_fits()
 
 def test_discover_clips_an_explicit_chunk_to_the_rows_there_are():
     bank = ShardedBank(2000, 16)
-    assert len(discover(bank, k=1, chunk=10**9).entropy) == 2000
+    assert len(discover(bank, 0.1, k=1, chunk=10**9).entropy) == 2000
 
 
 # ------------------------------------------------------------------------------------ CUDA only
@@ -159,12 +159,12 @@ def test_cuda_attention_kernels(dtype, impl):
 def test_cuda_fused_discovery_matches_exact():
     from and_dist.method.discovery import fused_available
     assert fused_available("cuda"), "Triton is missing on this CUDA machine"
-    bank = ShardedBank(20_000, 128, temperature=0.1, seed=3, device="cuda")
+    bank = ShardedBank(20_000, 128, seed=3, device="cuda")
     truth = exact_entropy(bank.rows, 0.1).cpu()
-    ref = discover(bank, k=3, kernel="exact")
+    ref = discover(bank, 0.1, k=3, kernel="exact")
     errors = {}
     for precision, tol in (("bf16x3", 3e-4), ("fp32", 2e-5), ("bf16", 0.1)):
-        got = discover(bank, k=3, kernel="fused", precision=precision)
+        got = discover(bank, 0.1, k=3, kernel="fused", precision=precision)
         errors[precision] = (got.entropy - truth).abs().max().item()
         assert errors[precision] < tol, precision
         same = (got.neighbours == ref.neighbours).all(1).double().mean()

@@ -73,7 +73,7 @@ def test_bank_init_does_not_depend_on_world_size_or_block_cut():
 def test_loss_and_gradient_match_naive(with_anchors):
     torch.manual_seed(0)
     n, d, b, k = 300, 16, 12, 2
-    bank = ShardedBank(n, d, temperature=0.1, seed=1)
+    bank, T = ShardedBank(n, d, seed=1), 0.07
     idx = torch.randperm(n)[:b]
     anchor = neighbours = None
     if with_anchors:
@@ -82,33 +82,33 @@ def test_loss_and_gradient_match_naive(with_anchors):
         neighbours = torch.stack([torch.randperm(n)[:k] for _ in range(n)])
         neighbours = torch.where(neighbours == torch.arange(n)[:, None], (neighbours + 1) % n, neighbours)
     feats = F.normalize(torch.randn(b, d), dim=1).requires_grad_()
-    objective, losses, _ = and_loss(feats, positive_sets(idx, anchor, neighbours), bank, [b])
+    objective, losses, _ = and_loss(feats, positive_sets(idx, anchor, neighbours), bank, [b], T)
     objective.backward()
     ours = feats.grad.clone()
     feats.grad = None
-    ref = naive_loss(feats, bank.rows, idx, anchor, neighbours, 0.1)
+    ref = naive_loss(feats, bank.rows, idx, anchor, neighbours, T)
     ref.mean().backward()
     assert torch.allclose(losses, ref.detach(), atol=1e-5)
     assert torch.allclose(objective.detach(), ref.mean().detach(), atol=1e-5)
     assert torch.allclose(ours, feats.grad, atol=1e-5)
     if with_anchors:  # anchors' positive mass is larger, so their loss is lower than instance loss
-        inst = naive_loss(feats.detach(), bank.rows, idx, None, None, 0.1)
+        inst = naive_loss(feats.detach(), bank.rows, idx, None, None, T)
         assert (losses[::2] < inst[::2]).all()
 
 
 def test_loss_is_stable_in_log_space():
     """Logits far apart (p_ii ~ e^-40) must not give inf: softmax-then-log would."""
-    bank = ShardedBank(50, 4, temperature=0.01, seed=0)
+    bank = ShardedBank(50, 4, seed=0)
     feats = -bank.rows[:4].clone().requires_grad_()
-    _, losses, _ = and_loss(feats, positive_sets(torch.arange(4), None, None), bank, [4])
+    _, losses, _ = and_loss(feats, positive_sets(torch.arange(4), None, None), bank, [4], 0.01)
     assert torch.isfinite(losses).all() and (losses > 50).all()
 
 
 @pytest.mark.parametrize("backend,chunk,temperature", [("torch", 64, 0.05), ("torch", 10_000, 0.1), ("faiss", 97, 0.2)])
 def test_discovery_matches_released_algorithm(backend, chunk, temperature):
-    bank = ShardedBank(700, 16, temperature=temperature, seed=5)   # the bank's T, not the default 0.1
+    bank = ShardedBank(700, 16, seed=5)
     ref_entropy, ref_nbrs = naive_discovery(bank.rows, temperature, k=3)
-    got = discover(bank, k=3, chunk=chunk, backend=backend)
+    got = discover(bank, temperature, k=3, chunk=chunk, backend=backend)
     assert torch.allclose(got.entropy, ref_entropy, atol=1e-5)
     assert torch.equal(got.neighbours, ref_nbrs)
     for count in (0, 175, 350, 700):
@@ -117,8 +117,8 @@ def test_discovery_matches_released_algorithm(backend, chunk, temperature):
 
 def test_discovery_bf16_finds_the_same_neighbours_mostly():
     bank = ShardedBank(700, 16, seed=5)
-    exact = discover(bank, k=1)
-    fast = discover(bank, k=1, precision="bf16")
+    exact = discover(bank, 0.1, k=1)
+    fast = discover(bank, 0.1, k=1, precision="bf16")
     assert (fast.neighbours == exact.neighbours).float().mean() > 0.98
     assert torch.allclose(fast.entropy, exact.entropy, atol=0.2)
 

@@ -173,7 +173,7 @@ def test_sharded_discovery_equals_single_process(tmp_path, world):
     out = tmp_path / "d.pt"
     code, log = finish(torchrun(world, [str(WORKERS / "dist_worker.py"), "discovery", str(out)]))
     assert code == 0, log
-    ref = discover(ShardedBank(701, 16, temperature=0.1, seed=5), k=3, chunk=50)
+    ref = discover(ShardedBank(701, 16, seed=5), 0.1, k=3, chunk=50)
     for backend, (entropy, neighbours) in torch.load(out, weights_only=True).items():
         assert torch.equal(neighbours, ref.neighbours), backend
         # fp32 similarity GEMMs round differently for different block shapes (~1e-6), so

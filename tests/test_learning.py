@@ -45,6 +45,6 @@ def test_training_lowers_the_instance_loss_against_the_final_bank(tmp_path):
         finally:
             trainer.log.close()
     images = torch.cat(list(trainer.data.eval_images("train", 0, len(trainer.data.train))))
-    bank, t = trainer.bank.rows, trainer.bank.temperature
+    bank, t = trainer.bank.rows, cfg.bank.temperature
     drop = instance_loss(initial, images, bank, t) - instance_loss(trainer.model, images, bank, t)
     assert drop > MARGIN, f"training lowered the instance loss by {drop:.3f} nats, expected > {MARGIN}"

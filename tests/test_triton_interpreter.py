@@ -71,9 +71,9 @@ def _run_kernels(out: str) -> None:
         for exact_out in (True, False):
             res["lse_out", splits, exact_out] = fused_attention.lse_out(q, rows, 1 / T_ATT, splits=splits,
                                                                         exact_out=exact_out)
-    bank = ShardedBank(N_BANK, DIM_BANK, temperature=T_DISC, seed=7)
+    bank = ShardedBank(N_BANK, DIM_BANK, seed=7)
     for precision in PRECISIONS:
-        got = discovery.discover(bank, k=K, chunk=CHUNK, kernel="fused", precision=precision)
+        got = discovery.discover(bank, T_DISC, k=K, chunk=CHUNK, kernel="fused", precision=precision)
         res["discover", precision] = got.entropy, got.neighbours
     (q_lo, q_hi), (s_lo, s_hi) = FOREIGN["q"], FOREIGN["slice"]
     for precision in ("bf16x3", "fp32"):
@@ -157,8 +157,8 @@ def _exact_entropy(rows: torch.Tensor, T: float) -> torch.Tensor:
 def exact_discovery():
     from and_dist.method.bank import ShardedBank
     from and_dist.method.discovery import discover
-    bank = ShardedBank(N_BANK, DIM_BANK, temperature=T_DISC, seed=7)
-    return bank, _exact_entropy(bank.rows, T_DISC), discover(bank, k=K, chunk=CHUNK, kernel="exact")
+    bank = ShardedBank(N_BANK, DIM_BANK, seed=7)
+    return bank, _exact_entropy(bank.rows, T_DISC), discover(bank, T_DISC, k=K, chunk=CHUNK, kernel="exact")
 
 
 @pytest.mark.slow

@@ -17,10 +17,9 @@ INIT_BLOCK = 65536  # rows drawn per seeded block, so the initial bank is the sa
 class ShardedBank:
     """This rank's slice of the N x D bank of L2-normalised features."""
 
-    def __init__(self, n: int, dim: int, temperature: float = 0.1, momentum: float = 0.5,
-                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, n: int, dim: int, momentum: float = 0.5, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.n, self.dim = n, dim
-        self.temperature, self.momentum = temperature, momentum
+        self.momentum = momentum
         rank, world = dist.rank_world()
         self.lo, self.hi = dist.shard_range(n, world, rank)
         self.sizes = dist.shard_sizes(n, world)

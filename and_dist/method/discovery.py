@@ -166,16 +166,17 @@ def _chunk(chunk, kernel: str, precision: str, backend: str, bank: ShardedBank) 
 
 
 @torch.no_grad()
-def discover(bank: ShardedBank, k: int = 1, chunk: int | str = "auto", backend: str = "torch",
-             precision: str = "auto", progress=None, kernel: str = "auto") -> Neighbourhood:
-    """Entropy and k nearest neighbours of every bank row; the result is replicated on all ranks.
+def discover(bank: ShardedBank, temperature: float, *, k: int = 1, chunk: int | str = "auto",
+             backend: str = "torch", precision: str = "auto", progress=None, kernel: str = "auto") -> Neighbourhood:
+    """Entropy (of each row's softmax over the bank at `temperature`) and k nearest neighbours of
+    every bank row; the result is replicated on all ranks.
 
     progress: optional callable(n_done) advanced once per finished row chunk (rank 0 shows a bar).
     """
     kernel, precision = resolve_kernel(kernel, precision, backend, fused_available(bank.device))
     chunk = _chunk(chunk, kernel, precision, backend, bank)
-    stats = _Stats(len(bank.rows), k, bank.temperature, bank.device)
-    one_pass = _Pass(bank, stats, k, chunk, precision, backend, bank.temperature, progress)
+    stats = _Stats(len(bank.rows), k, temperature, bank.device)
+    one_pass = _Pass(bank, stats, k, chunk, precision, backend, temperature, progress)
     slice_step = getattr(one_pass, kernel)
     for s_lo, srows in _ring_slices(bank):
         slice_step(s_lo, srows)

@@ -95,9 +95,10 @@ class _ANDLoss(torch.autograd.Function):
     own queries (the gradient is already summed over shards by `combine`)."""
 
     @staticmethod
-    def forward(ctx, feats, all_feats, positives, bank: ShardedBank, offset: int, shard_fn: ShardFn):
-        terms = shard_fn(all_feats, bank.rows, bank.lo, positives, bank.temperature)
-        loss, grad = combine(terms, bank.temperature)
+    def forward(ctx, feats, all_feats, positives, bank: ShardedBank, temperature: float, offset: int,
+                shard_fn: ShardFn):
+        terms = shard_fn(all_feats, bank.rows, bank.lo, positives, temperature)
+        loss, grad = combine(terms, temperature)
         ctx.offset = offset
         ctx.save_for_backward(grad[offset: offset + len(feats)])
         return loss
@@ -106,11 +107,11 @@ class _ANDLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         o = ctx.offset
-        return grad_loss[o: o + len(grad), None] * grad, None, None, None, None, None
+        return grad_loss[o: o + len(grad), None] * grad, None, None, None, None, None, None
 
 
 def and_loss(feats: torch.Tensor, positives: torch.Tensor, bank: ShardedBank, sizes: list[int],
-             shard_fn: ShardFn = shard_terms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             temperature: float, shard_fn: ShardFn = shard_terms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AND loss of the global batch.
 
     feats: (b, D) this rank's features, rows [offset, offset + b) of the global batch, where the
@@ -122,6 +123,6 @@ def and_loss(feats: torch.Tensor, positives: torch.Tensor, bank: ShardedBank, si
     rank, world = dist.rank_world()
     offset = sum(sizes[:rank])
     all_feats = dist.all_gather_rows(feats.detach(), sizes)
-    losses = _ANDLoss.apply(feats, all_feats.to(bank.rows.dtype), positives, bank, offset, shard_fn)
+    losses = _ANDLoss.apply(feats, all_feats.to(bank.rows.dtype), positives, bank, temperature, offset, shard_fn)
     objective = losses[offset: offset + len(feats)].sum() * (world / len(all_feats))
     return objective, losses.detach(), all_feats

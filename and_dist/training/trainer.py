@@ -90,8 +90,9 @@ class Trainer(Loop):
         """Neighbourhood discovery over the whole bank, then this round's anchors."""
         c, r, t0 = self.cfg, self.progress.round, time.time()
         bar = self.log.bar(self.bank.n, f"round {r} discovery")
-        nbhd = discover(self.bank, c.curriculum.neighbours, c.discovery.chunk, c.discovery.backend,
-                        c.discovery.precision, progress=bar.update, kernel=c.discovery.kernel)
+        nbhd = discover(self.bank, c.bank.temperature, k=c.curriculum.neighbours, chunk=c.discovery.chunk,
+                        backend=c.discovery.backend, precision=c.discovery.precision, progress=bar.update,
+                        kernel=c.discovery.kernel)
         bar.close()
         count = self.curriculum.set_round(r, nbhd)
         cons = self.curriculum.consistency(self.data.train.labels)
@@ -139,7 +140,8 @@ class Trainer(Loop):
         this step's features. It adds no host sync (the loss stays on the device)."""
         feats = self.forward(batch.images.to(self.dtype))
         positives = self.curriculum.positives(batch.index)
-        objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes, self.shard_fn)
+        objective, losses, all_feats = and_loss(feats, positives, self.bank, batch.sizes, self.cfg.bank.temperature,
+                                                self.shard_fn)
         self.opt.zero_grad(set_to_none=True)
         objective.backward()
         self.opt.step()

@@ -17,6 +17,7 @@ from and_dist.method.discovery import discover
 from and_dist.method.loss import and_loss, shard_terms
 
 N, DIM, BATCH = 1203, 32, 48
+T = 0.07                      # not the default 0.1: a temperature lost on the way shows
 
 
 def problem(dtype):
@@ -26,7 +27,7 @@ def problem(dtype):
     anchor = torch.rand(N, generator=g) < 0.5
     neighbours = torch.randint(0, N, (N, 2), generator=g)
     feats = F.normalize(torch.randn(BATCH, DIM, generator=g, dtype=torch.float64), dim=1).to(dtype)
-    bank = ShardedBank(N, DIM, temperature=0.07, seed=4, dtype=dtype)
+    bank = ShardedBank(N, DIM, seed=4, dtype=dtype)
     return bank, positive_sets(idx, anchor, neighbours), feats
 
 
@@ -36,7 +37,7 @@ def loss_and_grad(bank, positives, feats, shard_fn):
     sizes = dist.shard_sizes(BATCH, world)
     lo = sum(sizes[:rank])
     mine = feats[lo: lo + sizes[rank]].clone().requires_grad_()
-    objective, losses, _ = and_loss(mine, positives, bank, sizes, shard_fn)
+    objective, losses, _ = and_loss(mine, positives, bank, sizes, T, shard_fn)
     objective.backward()
     return losses, dist.all_gather_rows(mine.grad / world, sizes)
 
@@ -49,7 +50,7 @@ def main(dtype_name: str, out: str) -> None:
     result = {name: loss_and_grad(bank, positives, feats, fn)
               for name, fn in (("exact", shard_terms), ("attention", shard_terms_attention))}
     for kernel in ("exact", "attention"):
-        nb = discover(bank, k=2, chunk=100, kernel=kernel)
+        nb = discover(bank, T, k=2, chunk=100, kernel=kernel)
         result[f"discover-{kernel}"] = (nb.entropy, nb.neighbours)
     if env.is_main:
         torch.save(result, out)

@@ -47,9 +47,9 @@ def main(mode: str, out: str) -> None:
     env = dist.init("cpu")
     torch.set_num_threads(1)
     if mode == "discovery":
-        bank = ShardedBank(701, 16, temperature=0.1, seed=5)
+        bank = ShardedBank(701, 16, seed=5)
         assert len(bank.rows) < 701 or env.world == 1  # no rank holds the whole bank
-        result = {b: discover(bank, k=3, chunk=50, backend=b) for b in ("torch", "faiss")}
+        result = {b: discover(bank, 0.1, k=3, chunk=50, backend=b) for b in ("torch", "faiss")}
         result = {b: (r.entropy, r.neighbours) for b, r in result.items()}
     elif mode == "knn":
         train, labels, queries, qlabels = knn_problem()
