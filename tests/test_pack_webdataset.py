@@ -71,6 +71,23 @@ def test_webdataset_and_wids_read_our_pack_with_its_labels(pack):
             assert streamed[i][ext.lower()] == indexed[i]["." + ext].read() == ours.read(i)
 
 
+def test_dali_reads_our_pack_through_its_index_files(pack):
+    from nvidia.dali import fn, pipeline_def
+    train, _ = open_pack(str(pack), None, 1, log=quiet)
+    shards = sorted(str(p) for p in pack.glob("train-*.tar"))
+
+    @pipeline_def(batch_size=len(train), num_threads=1, device_id=None)
+    def read():
+        indexes = [s.removesuffix(".tar") + ".idx" for s in shards]
+        return tuple(fn.readers.webdataset(paths=shards, index_paths=indexes, ext=["JPEG;png", "cls"],
+                                           missing_component_behavior="error"))
+    pipe = read()
+    pipe.build()
+    images, labels = pipe.run()
+    assert [int(bytes(np.array(labels.at(i)))) for i in range(len(train))] == list(train.labels)
+    assert all(bytes(np.array(images.at(i))) == train.read(i) for i in range(len(train)))
+
+
 def webdataset_copy(tree: Path, src: Path) -> None:
     """The tree as WebDataset shards written by webdataset.TarWriter (imagenet-train-NNNNNN.tar,
     imagenet-val-NNNNNN.tar), plus samples a pack leaves out: no label, a corrupt image."""

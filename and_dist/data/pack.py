@@ -8,8 +8,8 @@ the index gives. The sampler stays authoritative: sample i is bank row i, as wit
 Why tar: every system can list, check and unpack it (`tar tvf`, `tar xf` gives the tree back,
 `sha256sum -c SHA256SUMS` checks the shards); a member's bytes lie contiguous after its 512-byte
 header, so an offset index is all random access needs. The shards follow WebDataset's conventions
-(version 2 on: each image is followed by its label as `<key>.cls`, and `<split>.wids.json` is the
-shard index wids reads), so webdataset, wids and DALI's webdataset reader take them as they are;
+(version 2 on: each image is followed by its label as `<key>.cls`, `<split>.wids.json` is the
+shard index wids reads, `<shard>.idx` DALI's), so webdataset, wids and DALI take them as they are;
 `prepare SRC DST --pack` also indexes WebDataset shards made elsewhere (pack_wds.py). Version 1
 packs (no .cls members) read as before.
 
@@ -18,7 +18,7 @@ A pack folder holds
                          samples) and the images left out when it was made
   <split>-index.npz      per sample: shard, offset, length, label, (height, width), format, name
   <split>-NNNNN.tar      the shards;  SHA256SUMS  their checksums in sha256sum's format
-  <split>.wids.json      the split's shard index for wids (version 2 on)
+  <split>.wids.json      the split's shard index for wids;  <split>-NNNNN.idx  DALI's (version 2 on)
 Splits are "train" and "test" (the tree's test/ or val/, whose name the members keep).
 """
 from __future__ import annotations

@@ -4,10 +4,10 @@ imagenet-val-000000.tar, or train/*.tar and val/*.tar).
 
 Nothing is re-encoded: the shards' tar headers are read (tarfile skips over the data), every
 image is decoded once to check it and take its size (as the tree writer does), and the offset
-index, wids index, SHA256SUMS and pack.json of a pack are written beside the shards. The shards
-are hard-linked into DST (no second copy of the data, and unlike a symlink the pack survives the
-source being moved or deleted; the sha256 check at first use catches a shard changed in place
-through the other name), or copied where DST is on another file system. Sample i of a split is
+index, wids and DALI indexes, SHA256SUMS and pack.json of a pack are written beside the shards.
+The shards are hard-linked into DST (no second copy of the data, and unlike a symlink the pack
+survives the source being moved or deleted; the sha256 check at first use catches a shard changed
+in place through the other name), or copied where DST is on another file system. Sample i of a split is
 the i-th image of its shards in name order, as the shards hold them; samples without a readable
 image or a `.cls` label are left out and listed in pack.json.
 """

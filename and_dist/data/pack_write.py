@@ -252,10 +252,28 @@ def write_wids_index(dst: str, split: str, shards: list[dict]) -> None:
     files.write_text(os.path.join(dst, wids_name(split)), json.dumps(index, indent=1))
 
 
+def write_dali_index(shard: str) -> None:
+    """SHARD.idx beside it, the index DALI's `fn.readers.webdataset` takes (`index_paths`), as its
+    wds2idx writes one: `v1.2 <samples>`, then per sample `ext data_offset size name` per member."""
+    samples, last = [], None
+    with tarfile.open(shard, "r:") as tar:
+        for m in tar:
+            if m.isfile():
+                key = wds_key(m.name)
+                if key != last:
+                    samples.append([])
+                samples[-1].append(f"{m.name[len(key) + 1:]} {m.offset_data} {m.size} {m.name}")
+                last = key
+    lines = [f"v1.2 {len(samples)}"] + [" ".join(sample) for sample in samples]
+    files.write_text(os.path.splitext(shard)[0] + ".idx", "\n".join(lines) + "\n")
+
+
 def finish(dst: str, manifest: dict) -> None:
-    """The wids indexes, SHA256SUMS, then pack.json: its presence says the pack is whole."""
+    """The wids and DALI indexes, SHA256SUMS, then pack.json: its presence says the pack is whole."""
     for split, entry in manifest["splits"].items():
         write_wids_index(dst, split, entry["shards"])
+        for shard in entry["shards"]:
+            write_dali_index(os.path.join(dst, shard["file"]))
     sums = "".join(f"{s['sha256']}  {s['file']}\n" for e in manifest["splits"].values() for s in e["shards"])
     files.write_text(os.path.join(dst, "SHA256SUMS"), sums)
     files.write_text(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1))
