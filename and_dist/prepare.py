@@ -17,7 +17,9 @@ Unreadable images are left out with training's report line (`skipping unreadable
 
 `--pack` writes the split into a few large tar shards with an index instead (data/pack.py), for
 cluster file systems where opening 1.28M files is the cost: the same images (resized too with
---shorter-side), read by `data.source=pack data.root=DST`.
+--shorter-side), read by `data.source=pack data.root=DST`. When SRC holds WebDataset shards
+(`key.jpg` + `key.cls` samples; train and val/test shards by name) they become a pack as they are:
+indexed, hard-linked (copied across file systems), not re-encoded (data/pack_wds.py).
 """
 from __future__ import annotations
 
@@ -145,11 +147,23 @@ def _size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
+def _webdataset(args) -> dict | None:
+    """The WebDataset shards SRC holds (None: SRC is a tree); refuses the tree-only options."""
+    from .data.pack_wds import find_shards
+    shards = find_shards(args.src) if os.path.isdir(args.src) else None
+    given = [f for f, v in (("--shorter-side", args.shorter_side), ("--classes", args.classes),
+                            ("--val-labels", args.val_labels), ("--val-ids", args.val_ids)) if v]
+    if shards is not None and given:
+        raise UserError(f"{args.src} holds WebDataset shards, which are indexed as they are: "
+                        f"{', '.join(given)} do not apply to them")
+    return shards
+
+
 @exits_on_stop("run the same command again to continue")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m and_dist.prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="ImageFolder tree to copy")
+    ap.add_argument("src", help="ImageFolder tree to copy (or, with --pack, a folder of WebDataset shards)")
     ap.add_argument("dst", help="where the copy or the pack goes (resumes one left unfinished there)")
     ap.add_argument("--shorter-side", type=int, default=0, metavar="N",
                     help="shorter side of the copies in px; at least image_size x 256/224 (256 for 224-px crops)")
@@ -180,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problems[0]}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        if args.pack:
+        if args.pack and (shards := _webdataset(args)) is not None:
+            from .data.pack_wds import index_shards
+            counts = index_shards(args.src, args.dst, shards, args.workers, progress=sys.stderr.isatty())
+        elif args.pack:
             from .data.pack_write import write_pack
             options = argparse.Namespace(classes=args.classes, val_labels=args.val_labels, val_ids=args.val_ids,
                                          source="imagefolder")

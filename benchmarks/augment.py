@@ -50,9 +50,9 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
-        masked = measure(lambda: jitter_masked(x, f, on_dev), args.steps, cuda)
-        compiled = measure(lambda: fused(x, f, on_dev), args.steps, cuda)
-        indexed = measure(lambda: jitter_indexed(x.clone(), f, order), args.steps, cuda)
+        masked = measure(lambda: jitter_masked(x, f, on_dev), args.steps)
+        compiled = measure(lambda: fused(x, f, on_dev), args.steps)
+        indexed = measure(lambda: jitter_indexed(x.clone(), f, order), args.steps)
         print(f"{size:>4} {batch:>6} {masked * 1e3:>9.2f} {compiled * 1e3:>9.2f} {masked / compiled:>6.1f} "
               f"{indexed * 1e3:>9.2f} {masked / indexed:>6.1f} {compile_s:>9.1f}", flush=True)
 

@@ -202,12 +202,12 @@ def single(args) -> list[dict]:
     from and_dist.method.bank import ShardedBank
     from and_dist.method.curriculum import positive_sets
     from and_dist.method.loss import and_loss, shard_terms
-    from common import cuda_time, device_peak, structured_rows, wall_time
+    from common import device_peak, measure, structured_rows
 
     dev = torch.device(args.device)
     if dev.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    timer = (lambda f: cuda_time(f, args.steps)) if dev.type == "cuda" else (lambda f: wall_time(f, args.steps))
+    timer = (lambda f: measure(f, args.steps, warmup=2))
     print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, batch {args.batch}, "
           f"dim {args.dim}, structured bank, {args.steps} timed steps", flush=True)
     head = (f"{'N':>8} {'method':<10} {'ms/step':>8} {'x exact':>8} {'GPU ms':>8} {'x exact':>8} "

@@ -4,26 +4,21 @@ import resource
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2 ** 20
 
 
-def measure(fn, steps: int, cuda: bool, warmup: int = 3) -> float:
-    """Seconds per call over `steps` calls after warm-up (synchronised at both ends)."""
+def measure(fn, steps: int, warmup: int = 3) -> float:
+    """Mean seconds per call of `fn` over `steps` calls after `warmup` calls: the one timer of the
+    benchmarks, torch.utils.benchmark's Timer (it synchronises the accelerator at both ends; its own
+    warm-up of at least 2 calls counts towards `warmup`), at torch's thread count of the caller."""
     import torch
-    for _ in range(warmup):
+    from torch.utils.benchmark import Timer
+    for _ in range(max(0, warmup - max(steps // 100, 2))):
         fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+    return Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(steps).mean
 
 
 def peak_rss() -> int:
@@ -76,32 +71,6 @@ def structured_rows(n: int, dim: int, clusters: int = 1000, seed: int = 0, devic
         noise = torch.randn(b - a, dim, generator=g, device=device) * spread[c, None]
         rows[a:b] = F.normalize(centres[c] + noise, dim=1)
     return rows
-
-
-def cuda_time(fn, repeat: int, warmup: int = 2) -> float:
-    """Mean seconds per call of `fn` on the current CUDA stream (events, after warm-up)."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeat
-
-
-def wall_time(fn, repeat: int, warmup: int = 1) -> float:
-    """Mean seconds per call, for CPU runs (or CUDA runs that synchronise themselves)."""
-    import time
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
 
 
 def device_peak(device, fn):

@@ -101,7 +101,6 @@ def run_case(arch: str, size: int, batch: int, n: int, device: str, precision_: 
     forward + backward + SGD, of the step on a fixed batch and of the data alone; the trainer's
     input-stall split (step_timer) and, with `syncs`, host syncs per step."""
     from and_dist.run.step_timer import StepTimer
-    cuda = torch.device(device).type == "cuda"
     n = n if size <= 96 else max(n // 10, 4 * batch)
     trainer, data, forward, opt, env = build(arch, size, batch, n, device, precision_, compile_, root, workers)
     timer = StepTimer(env.device)
@@ -118,7 +117,7 @@ def run_case(arch: str, size: int, batch: int, n: int, device: str, precision_: 
     def train_steps(prefetch_: int) -> float:
         nonlocal stream
         data.prefetch, stream = prefetch_, iter(())
-        return measure(train_step, steps, cuda, warmup)
+        return measure(train_step, steps, warmup)
 
     fixed = next(iter(data.batches(0, 1))).images
 
@@ -129,14 +128,14 @@ def run_case(arch: str, size: int, batch: int, n: int, device: str, precision_: 
         opt.step()
 
     one = next(iter(data.batches(0, 2)))
-    t_model = measure(model_step, steps, cuda, warmup)
+    t_model = measure(model_step, steps, warmup)
     t_serial = train_steps(0)                                            # batches built in the step
     timer.split()
     t_train = train_steps(prefetch)
     split = timer.split()                                                # warm-up steps included
-    t_fixed = measure(lambda: trainer.step(one), steps, cuda, warmup)   # the step without the data
+    t_fixed = measure(lambda: trainer.step(one), steps, warmup)   # the step without the data
     data.prefetch, alone = 0, endless(data, 3)
-    t_data = measure(lambda: next(alone), steps, cuda, warmup)
+    t_data = measure(lambda: next(alone), steps, warmup)
     count, where = syncs_per_step(train_step) if syncs else (float("nan"), "")
     return {"arch": arch, "size": size, "batch": batch, "compile": compile_, "prefetch": prefetch,
             "trainer": batch / t_train, "model": batch / t_model, "ratio": t_model / t_train,

@@ -2,7 +2,8 @@
 
 submitit pickles a `Stage` and runs it once per task (one task per GPU). `and_dist.platform.dist.init`
 finds rank, world size and the rendezvous address in the SLURM_* variables, so nothing here
-touches torch.distributed.
+touches torch.distributed. The stage imports `and_dist` from the code snapshot taken at submission
+(launch/snapshot.py), so the job, its requeues and its probe job run the submitted code.
 
 Preemption and time limits: SLURM sends SIGUSR2 before the end (`--signal=USR2@...`, or
 `scancel --signal=USR2`). While training (or probing) the stage's own handler (and_dist/run/stop.py)
@@ -24,6 +25,7 @@ import sys
 from dataclasses import dataclass, replace
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)   # 128+N from the trainer: requeue
+VERSION_ENV = "AND_CODE_VERSION"   # and_dist.platform.version.ENV (this file must not import and_dist)
 EXIT_STALLED = 3       # and_dist.platform.errors.EXIT_STALLED: a rank stopped answering; requeue too
 # torchrun's variables win over SLURM's in and_dist/platform/cluster.py; inherited from the shell that
 # submitted (sbatch exports it), they would put every task at the same rank
@@ -42,6 +44,8 @@ class Stage:
     run_dir: str
     max_requeues: int = 0
     requeues: int = 0           # how often this stage has been requeued so far
+    code: str = ""              # the code snapshot taken at submission (launch/snapshot.py); "": the install's
+    version: str = ""           # and_dist.platform.version at submission, as JSON (a snapshot has no .git)
 
     def argv(self) -> list[str]:
         if self.kind == "train":
@@ -51,6 +55,7 @@ class Stage:
     def __call__(self) -> int:
         for name in TORCHRUN_VARS:
             os.environ.pop(name, None)
+        self._use_snapshot()
         if self.kind == "train":
             from and_dist.train import main
         else:
@@ -72,6 +77,21 @@ class Stage:
             raise StageFailed(f"{self.kind} stage stopped: a rank stopped answering (see the log); not requeued")
         raise StageFailed(f"{self.kind} stage stopped by signal {status - 128} after saving a checkpoint; "
                           "not requeued (scancel, or a preemption that SLURM requeues itself)")
+
+    def _use_snapshot(self) -> None:
+        """Import and_dist from the snapshot: first on sys.path (before the job's working directory,
+        which `python -m` puts there, and the editable install's finder, which comes after every
+        path entry) and on PYTHONPATH for any child process."""
+        if self.version:
+            os.environ[VERSION_ENV] = self.version
+        if not self.code:
+            return
+        sys.path.insert(0, self.code)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (self.code, os.environ.get("PYTHONPATH")) if p)
+        import and_dist
+        if not and_dist.__file__.startswith(self.code + os.sep):
+            raise StageFailed(f"and_dist was imported from {and_dist.__file__}, not the snapshot {self.code}")
+        print(f"code: {self.code} (snapshot taken at submission)", flush=True)
 
     def _requeue(self) -> None:
         """Give the signal to submitit's handler (the stage restored it): it calls checkpoint(),

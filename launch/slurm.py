@@ -33,8 +33,11 @@ from submitit.core.utils import FailedJobError
 
 import job as job_module            # beside this file: python puts launch/ on the path
 import partition
+import snapshot
 from job import Stage
 
+import and_dist
+from and_dist.platform import version
 from and_dist.run import rundir
 from and_dist.config import ConfigError, Config, load_config, save_config, to_dict
 from and_dist.platform.errors import EXIT_USER_ERROR, UserError
@@ -43,6 +46,7 @@ cloudpickle.register_pickle_by_value(job_module)   # jobs unpickle Stage without
 
 FROZEN = "submitted.yaml"           # the resolved config the job runs, in its run directory
 IMAGE_PYTHON = "/opt/venv/bin/python"   # the Dockerfile's, by full path: the job's PATH may be the host's
+CODE_ROOT = Path(and_dist.__file__).resolve().parent.parent   # the checkout (or install) the launcher runs
 SIGNAL_DELAY_S = 120                # SIGUSR2 this long before the time limit: time to checkpoint
 RESOURCES = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "mem": str,
              "partition": str, "time": int, "account": str, "qos": str, "constraint": str, "exclude": str,
@@ -65,6 +69,7 @@ class Plan:
     probe_overrides: list[str]
     python: str                     # what every task runs submitit with
     warnings: list[str] = field(default_factory=list)
+    copy_code: bool = True          # copy the code for the jobs (not in a container: the image is the code)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -181,7 +186,7 @@ def make_plan(args) -> Plan:
         warnings.append("--then probe: and_dist.probe is not available in this installation; no probe job")
         probe = False
     probe_overrides = [o for o in user if not o.startswith(("run_dir=", "resume="))]
-    return Plan(runs, params, folder, probe, probe_overrides, python, warnings)
+    return Plan(runs, params, folder, probe, probe_overrides, python, warnings, copy_code=not args.container_image)
 
 
 def _container_args(image: str, extra_mounts: str, cfg: Config, folder: str) -> list[str]:
@@ -248,6 +253,8 @@ def show(plan: Plan) -> None:
     for run in plan.runs:
         where = run.cfg.run_dir or f"{run.cfg.out_dir}/{run.cfg.name}/<time of submission>"
         print(f"# run {run.cfg.name}: {where}" + (f"  ({' '.join(run.overrides)})" if run.overrides else ""))
+    if plan.copy_code:
+        print(f"# code: a copy of {CODE_ROOT}/{{{','.join(snapshot.PARTS)}}} in {plan.folder}/code/ at submission")
     print("\n# ---- batch script" + (" (job array)" if len(plan.runs) > 1 else ""))
     print(batch_script(plan, len(plan.runs)))
     if plan.probe:
@@ -261,15 +268,19 @@ def show(plan: Plan) -> None:
 # ----------------------------------------------------------------------------------- submit
 
 def submit(plan: Plan) -> list:
-    """Choose and freeze every run directory, then submit; (kind, job, run_dir, after) per job."""
+    """Copy the code, choose and freeze every run directory, then submit; (kind, job, run_dir, after)
+    per job."""
+    code = {"version": json.dumps(version.code_version())}
+    if plan.copy_code:
+        code["code"] = str(snapshot.take(CODE_ROOT, Path(plan.folder).resolve()))
     stages = []
     for run in plan.runs:
         c = run.cfg
         run.run_dir, _ = rundir.choose(c.out_dir, c.name, c.run_dir, c.resume)
         save_config(c, run.run_dir / FROZEN)
-        stages.append(Stage("train", str(run.run_dir / FROZEN), (), str(run.run_dir), c.slurm.max_requeues))
+        stages.append(Stage("train", str(run.run_dir / FROZEN), (), str(run.run_dir), c.slurm.max_requeues, **code))
     try:
-        return _submit(plan, stages)
+        return _submit(plan, stages, code)
     except Exception:
         for run in plan.runs:          # a refused submission leaves no empty run behind
             if [p.name for p in run.run_dir.iterdir()] == [FROZEN]:
@@ -277,13 +288,13 @@ def submit(plan: Plan) -> list:
         raise
 
 
-def _submit(plan: Plan, stages: list[Stage]) -> list:
+def _submit(plan: Plan, stages: list[Stage], code: dict) -> list:
     import submitit
     with submitit.helpers.clean_env():      # from inside an allocation its SLURM_* would leak into the job
-        return _submit_jobs(submitit, plan, stages)
+        return _submit_jobs(submitit, plan, stages, code)
 
 
-def _submit_jobs(submitit, plan: Plan, stages: list[Stage]) -> list:
+def _submit_jobs(submitit, plan: Plan, stages: list[Stage], code: dict) -> list:
     ex = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.runs[0].cfg.slurm.max_requeues,
                                 python=plan.python)
     ex.update_parameters(**plan.params)
@@ -293,7 +304,7 @@ def _submit_jobs(submitit, plan: Plan, stages: list[Stage]) -> list:
         first = jobs[0].job_id
         dep = f"afterok:{first}" if len(jobs) == 1 else f"aftercorr:{first.split('_')[0]}"
         ex.update_parameters(**probe_params(plan, dep))
-        probes = [Stage("probe", "", tuple(plan.probe_overrides), str(r.run_dir), r.cfg.slurm.max_requeues)
+        probes = [Stage("probe", "", tuple(plan.probe_overrides), str(r.run_dir), r.cfg.slurm.max_requeues, **code)
                   for r in plan.runs]
         rows += [("probe", j, r.run_dir, t.job_id) for j, r, t in zip(ex.submit_array(probes), plan.runs, jobs)]
     return rows

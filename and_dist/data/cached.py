@@ -16,9 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..platform import files
+from ..platform.log import progress_bar
 from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
 from .base import Batch, SplitInfo
 from .folder import file_stamp, list_split, to_rgb
@@ -86,7 +86,7 @@ def load_imagefolder(root: str, split: str, classes: list[str], image_size: int,
                 return cached
 
     log(f"decoding {len(paths)} images of {split} into memory at {image_size} px (cached for later runs)")
-    images, errors = _decode_all(lambda i: paths[i], len(paths), image_size, workers, f"decode {split}", progress)
+    images, errors = _decode_all(lambda i: paths[i], len(paths), image_size, workers, f"decode {split}", progress, log)
     return _keep_readable(images, errors, labels, paths, classes, cache_path, log)
 
 
@@ -105,13 +105,13 @@ def load_pack_split(split, image_size: int, cache_dir: str | None, workers: int,
                 return ImageSet(cached.images, cached.labels, cached.classes, list(split.skipped) + cached.skipped)
     log(f"decoding {len(split)} images of the pack's {split.split} into memory at {image_size} px "
         "(cached for later runs)")
-    images, errors = _decode_all(split.source, len(split), image_size, workers, f"decode {split.split}", progress)
+    images, errors = _decode_all(split.source, len(split), image_size, workers, f"decode {split.split}", progress, log)
     names = [split.path(i) for i in range(len(split))]
     out = _keep_readable(images, errors, split.labels, names, split.classes, cache_path, log)
     return ImageSet(out.images, out.labels, out.classes, list(split.skipped) + out.skipped)
 
 
-def _decode_all(source_of, n: int, image_size: int, workers: int, desc: str, progress: bool):
+def _decode_all(source_of, n: int, image_size: int, workers: int, desc: str, progress: bool, log):
     """uint8 (n, S, S, 3) of sample i = `source_of(i)` (a path or bytes), and each one's error or None."""
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
 
@@ -122,9 +122,12 @@ def _decode_all(source_of, n: int, image_size: int, workers: int, desc: str, pro
         except Exception as e:                  # any unreadable file is skipped, never fatal
             return f"{type(e).__name__}: {e}"
 
+    bar, errors = progress_bar(n, desc, progress, log, unit="img"), []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        errors = list(tqdm(pool.map(work, range(n)), total=n, desc=desc, unit="img", leave=False,
-                           disable=not progress))
+        for error in pool.map(work, range(n)):
+            errors.append(error)
+            bar.update()
+    bar.close()
     return images, errors
 
 

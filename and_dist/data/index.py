@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..platform import files
+from ..platform.log import progress_bar
 from .base import SplitInfo
 from .folder import file_stamp, list_split
 
@@ -85,21 +84,16 @@ def parallel(fn, items: list, workers: int, desc: str, progress: bool = False, l
     a terminal (`progress`), else a line to `log` every `every` seconds with the count and an ETA."""
     chunks = [items[a: a + CHUNK] for a in range(0, len(items), CHUNK)]
     task = fn if per_chunk else (lambda chunk: [fn(x) for x in chunk])
-    out, done, t0, last = [], 0, time.monotonic(), time.monotonic()
-    with ThreadPoolExecutor(max(1, workers)) as pool, \
-            tqdm(total=len(items), unit="file", desc=desc, leave=False, disable=not progress) as bar:
+    out = []
+    bar = progress_bar(len(items), desc, progress, log or (lambda _: None), every, unit="files")
+    with ThreadPoolExecutor(max(1, workers)) as pool:
         for chunk, part in zip(chunks, pool.map(task, chunks)):
             if per_chunk:
                 out.append(part)
             else:
                 out += part
-            done += len(chunk)
             bar.update(len(chunk))
-            now = time.monotonic()
-            if log is not None and not progress and now - last >= every and done < len(items):
-                last, rate = now, done / (now - t0)
-                log(f"{desc}: {done}/{len(items)} files ({100 * done // len(items)}%), "
-                    f"{now - t0:.0f} s, ETA {(len(items) - done) / rate:.0f} s")
+    bar.close()
     return out
 
 

@@ -7,13 +7,18 @@ the index gives. The sampler stays authoritative: sample i is bank row i, as wit
 
 Why tar: every system can list, check and unpack it (`tar tvf`, `tar xf` gives the tree back,
 `sha256sum -c SHA256SUMS` checks the shards); a member's bytes lie contiguous after its 512-byte
-header, so an offset index is all random access needs (WebDataset reads the same files in order).
+header, so an offset index is all random access needs. The shards follow WebDataset's conventions
+(version 2 on: each image is followed by its label as `<key>.cls`, `<split>.wids.json` is the
+shard index wids reads, `<shard>.idx` DALI's), so webdataset, wids and DALI take them as they are;
+`prepare SRC DST --pack` also indexes WebDataset shards made elsewhere (pack_wds.py). Version 1
+packs (no .cls members) read as before.
 
 A pack folder holds
   pack.json              classes, and per split: its source folder, shards (file, bytes, sha256,
                          samples) and the images left out when it was made
   <split>-index.npz      per sample: shard, offset, length, label, (height, width), format, name
   <split>-NNNNN.tar      the shards;  SHA256SUMS  their checksums in sha256sum's format
+  <split>.wids.json      the split's shard index for wids;  <split>-NNNNN.idx  DALI's (version 2 on)
 Splits are "train" and "test" (the tree's test/ or val/, whose name the members keep).
 """
 from __future__ import annotations
@@ -34,7 +39,8 @@ from ..platform.log import progress_bar
 from .base import SplitInfo
 from .sources import PACK_MANIFEST
 
-FORMAT, VERSION = "and_dist pack", 1
+FORMAT, VERSION = "and_dist pack", 2
+READS = (1, 2)                  # 1: before the .cls members and the wids index
 MANIFEST = PACK_MANIFEST
 SPLITS = ("train", "test")
 HASH_BLOCK = 8 << 20
@@ -48,6 +54,17 @@ def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:05d}.tar"
 
 
+def wids_name(split: str) -> str:
+    return f"{split}.wids.json"
+
+
+def wds_key(name: str) -> str:
+    """A member's WebDataset sample key: its path up to the first dot of its file name (the rule
+    of webdataset and wids; members with one key form one sample)."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+
+
 def read_manifest(root: str) -> dict:
     path = os.path.join(root, MANIFEST)
     try:
@@ -55,8 +72,8 @@ def read_manifest(root: str) -> dict:
             m = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"pack {root}: {MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise UserError(f"pack {root}: {MANIFEST} is not an and_dist pack of version {VERSION} "
+    if m.get("format") != FORMAT or m.get("version") not in READS:
+        raise UserError(f"pack {root}: {MANIFEST} is not an and_dist pack of version {' or '.join(map(str, READS))} "
                         f"(format {m.get('format')!r}, version {m.get('version')!r}); make it again with "
                         "python -m and_dist.prepare SRC DST --pack")
     return m

@@ -2,11 +2,13 @@
 
 Images are encoded in worker processes (kept as they are, or resized with --shorter-side: the
 bytes a tree copy would hold, reencode.py) and appended in listing order to the current shard,
-so sample i of the pack is sample i of the tree. A shard is written as a hidden `.NAME.part`,
+so sample i of the pack is sample i of the tree. Each image is followed by its label as a
+`<key>.cls` member (WebDataset's convention), so webdataset, wids and DALI read the shards as
+they are. A shard is written as a hidden `.NAME.part`,
 renamed when full, and then its record (the samples it holds, the images left out) is written
 under DST/.work; a rerun keeps every shard with a record and continues after the last one. The
-index, SHA256SUMS and pack.json (last: its presence means the pack is whole) are written from the
-records, and .work is removed.
+index, the wids shard index, SHA256SUMS and pack.json (last: its presence means the pack is
+whole) are written from the records, and .work is removed.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..platform.errors import UserError
 from ..platform.log import progress_bar
 from ..run.stop import SIGNALS, finish_pool
 from .layout import resolve
-from .pack import FORMAT, MANIFEST, SPLITS, VERSION, index_name, read_manifest, shard_name
+from .pack import FORMAT, MANIFEST, SPLITS, VERSION, index_name, read_manifest, shard_name, wds_key, wids_name
 from .reencode import encoded, for_copy
 
 WORK = ".work"
@@ -68,12 +70,20 @@ class ShardWriter:
         self.hash.update(data)
         self.size += len(data)
 
-    def add(self, ordinal: int, name: str, data: bytes, hw: tuple[int, int], fmt: str, mtime: float) -> None:
+    def _member(self, name: str, data: bytes, mtime: float) -> int:
+        """Append one member; the offset of its data."""
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
         self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        self.rows.append((ordinal, self.size, len(data), *hw, fmt))
+        offset = self.size
         self._put(data + b"\0" * (-len(data) % BLOCK))
+        return offset
+
+    def add(self, ordinal: int, name: str, data: bytes, hw: tuple[int, int], fmt: str, mtime: float,
+            label: int) -> None:
+        """The image, then its label as `<key>.cls` (what WebDataset readers take as the class)."""
+        self.rows.append((ordinal, self._member(name, data, mtime), len(data), *hw, fmt))
+        self._member(f"{wds_key(name)}.cls", str(label).encode(), mtime)
 
     def close(self) -> dict:
         """End the archive (two zero blocks, padded to tar's record size), make it durable, rename it."""
@@ -128,8 +138,9 @@ def _done_records(dst: str, split: str, names: list[str]) -> list[dict]:
     return records
 
 
-def _write_split(src: str, dst: str, split: str, folder: str, paths: list[str], side: int | None, quality: int,
-                 shard_bytes: int, pool, counts: dict, log, progress: bool) -> list[dict]:
+def _write_split(src: str, dst: str, split: str, folder: str, paths: list[str], labels: list[int],
+                 side: int | None, quality: int, shard_bytes: int, pool, counts: dict, log,
+                 progress: bool) -> list[dict]:
     names = [os.path.relpath(p, src) for p in paths]
     records = _done_records(dst, split, names)
     start = records[-1]["range"][1] if records else 0
@@ -147,7 +158,7 @@ def _write_split(src: str, dst: str, split: str, folder: str, paths: list[str], 
                 writer.skipped.append((ordinal, reason))
                 counts["skipped"] += 1
                 continue
-            writer.add(ordinal, names[ordinal], data, hw, fmt, os.path.getmtime(paths[ordinal]))
+            writer.add(ordinal, names[ordinal], data, hw, fmt, os.path.getmtime(paths[ordinal]), labels[ordinal])
             counts["packed"] += 1
             if writer.size >= shard_bytes:
                 records.append(_save_record(dst, split, len(records), writer.close(), writer, lo, ordinal + 1,
@@ -164,7 +175,7 @@ def _write_split(src: str, dst: str, split: str, folder: str, paths: list[str], 
     return records
 
 
-def _index(dst: str, split: str, records: list[dict], labels: list[int], names: list[str]) -> None:
+def write_index(dst: str, split: str, records: list[dict], labels: list[int], names: list[str]) -> None:
     rows = [(k, *row) for k, r in enumerate(records) for row in r["rows"]]
     if not rows:
         raise UserError(f"every {split} image of the source is unreadable; nothing to pack")
@@ -194,7 +205,7 @@ def write_pack(src: str, dst: str, side: int | None = None, quality: int = 90, w
     if dst == src or dst.startswith(src + os.sep):
         raise UserError(f"the pack {dst} must lie outside {src}")
     options = {"shorter_side": side, "quality": quality if side else None, "shard_bytes": shard_bytes,
-               "source": src}
+               "source": src, "version": VERSION}
     if os.path.isfile(os.path.join(dst, MANIFEST)):
         made = read_manifest(dst).get("made_with", {})
         if made != options:
@@ -219,16 +230,50 @@ def write_pack(src: str, dst: str, side: int | None = None, quality: int = 90, w
     with Pool(workers or os.cpu_count(), initializer=_encoder_start) as pool:
         for split in SPLITS:
             paths, labels = listings[split]
-            records = _write_split(src, dst, split, folders[split], paths, side, quality, shard_bytes, pool,
-                                   counts, log, progress)
-            _index(dst, split, records, labels, [os.path.relpath(p, src) for p in paths])
+            records = _write_split(src, dst, split, folders[split], paths, labels, side, quality, shard_bytes,
+                                   pool, counts, log, progress)
+            write_index(dst, split, records, labels, [os.path.relpath(p, src) for p in paths])
             manifest["splits"][split] = {
                 "folder": folders[split], "samples": sum(r["shard"]["samples"] for r in records),
                 "shards": [r["shard"] for r in records],
                 "skipped": [(paths[i], why) for r in records for i, why in r["skipped"]]}
         finish_pool(pool)
+    finish(dst, manifest)
+    files.remove_tree(os.path.join(dst, WORK))
+    return counts
+
+
+def write_wids_index(dst: str, split: str, shards: list[dict]) -> None:
+    """The shard index wids reads (`wids.ShardListDataset(DST/<split>.wids.json)`, as its
+    `widsindex create` writes one; urls relative to it, nsamples = WebDataset samples per shard)."""
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split,
+             "shardlist": [{"url": s["file"], "nsamples": s.get("wds_samples", s["samples"]),
+                            "filesize": s["bytes"]} for s in shards]}
+    files.write_text(os.path.join(dst, wids_name(split)), json.dumps(index, indent=1))
+
+
+def write_dali_index(shard: str) -> None:
+    """SHARD.idx beside it, the index DALI's `fn.readers.webdataset` takes (`index_paths`), as its
+    wds2idx writes one: `v1.2 <samples>`, then per sample `ext data_offset size name` per member."""
+    samples, last = [], None
+    with tarfile.open(shard, "r:") as tar:
+        for m in tar:
+            if m.isfile():
+                key = wds_key(m.name)
+                if key != last:
+                    samples.append([])
+                samples[-1].append(f"{m.name[len(key) + 1:]} {m.offset_data} {m.size} {m.name}")
+                last = key
+    lines = [f"v1.2 {len(samples)}"] + [" ".join(sample) for sample in samples]
+    files.write_text(os.path.splitext(shard)[0] + ".idx", "\n".join(lines) + "\n")
+
+
+def finish(dst: str, manifest: dict) -> None:
+    """The wids and DALI indexes, SHA256SUMS, then pack.json: its presence says the pack is whole."""
+    for split, entry in manifest["splits"].items():
+        write_wids_index(dst, split, entry["shards"])
+        for shard in entry["shards"]:
+            write_dali_index(os.path.join(dst, shard["file"]))
     sums = "".join(f"{s['sha256']}  {s['file']}\n" for e in manifest["splits"].values() for s in e["shards"])
     files.write_text(os.path.join(dst, "SHA256SUMS"), sums)
     files.write_text(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1))
-    files.remove_tree(os.path.join(dst, WORK))
-    return counts

@@ -24,8 +24,8 @@ class _LineBar(NoBar):
     """Progress for a log file: one line every `every` seconds, only for steps that take longer
     (discovery, feature extraction of a large set), never redraws."""
 
-    def __init__(self, total: int, desc: str, say, every: float = 60.0):
-        self.total, self.desc, self.say, self.every = total, desc, say, every
+    def __init__(self, total: int, desc: str, say, every: float = 60.0, unit: str = "it"):
+        self.total, self.desc, self.say, self.every, self.unit = total, desc, say, every, unit
         self.done, self.start = 0, time.time()
         self.last = self.start
 
@@ -36,7 +36,7 @@ class _LineBar(NoBar):
             self.last = now
             rate = self.done / (now - self.start)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.say(f"{self.desc}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
+            self.say(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
                      f"{rate:.0f}/s, ETA {eta / 60:.1f} min")
 
 
@@ -44,7 +44,7 @@ def progress_bar(total: int, desc: str, tty: bool, say, every: float = 60.0, uni
     """A tqdm bar on a terminal, else a line to `say` every `every` seconds (a job's log file)."""
     if tty:
         return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
-    return _LineBar(total, desc, say, every)
+    return _LineBar(total, desc, say, every, unit)
 
 
 def strict(value):
