@@ -72,7 +72,10 @@ def load(args) -> tuple:
 def check_inputs(kind: str, cfg: Config, model, bank, ckpt: Path | None) -> None:
     """What the evaluation would otherwise find wrong only after its folder was made: layers the
     model lacks, a memory bank that is not there."""
+    from .data.images import NO_LABELS
     from .eval.prober import check_layers
+    if cfg.data.source == "images":
+        raise UserError(NO_LABELS.format(source="images", what="evaluation"))
     if kind in ("probe", "all"):
         check_layers(cfg, model)
     if kind in ("knn", "all") and cfg.eval.train_features == "bank" and bank is None and (

@@ -89,5 +89,5 @@ class Report:
 def round_table(rows: list[dict]) -> str:
     lines = ["round  anchors  consistency  kNN top-1"]
     for r in rows:
-        lines.append(f"{r['round']:>5}  {r['anchors']:>7}  {fmt(r['consistency'], '.4f'):>11}  {r['knn_top1']:>9.2f}")
+        lines.append(f"{r['round']:>5}  {r['anchors']:>7}  {fmt(r['consistency'], '.4f'):>11}  {fmt(r['knn_top1']):>9}")
     return "\n".join(lines)

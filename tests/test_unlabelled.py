@@ -1,0 +1,133 @@
+"""AND on a folder of the user's own images (data.source=images): every image under the root,
+sub-folders included and not classes, in a fixed order; junk left out and listed; no labels, so
+no kNN or probes (one line each) while everything label-free runs. Real files, real runs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import ENV, REPO, events, free_port, jpeg
+
+from and_dist.config import ConfigError, load_config
+from and_dist.data import build_data
+from and_dist.data.images import list_images
+from and_dist.platform import dist
+from and_dist.platform.errors import UserError
+from and_dist.run import rundir
+from and_dist.run.stop import Stop
+from and_dist.train import build
+
+RUN = ["data.source=images", "train.batch_size=12", "train.epochs_per_round=2", "curriculum.rounds=3",
+       "curriculum.anchor_rate=0.3", "train.threads=1", "log.progress=false", "checkpoint.every_epochs=0",
+       "model.arch=convnet_gn", "discovery.kernel=exact"]
+
+
+def make_folder(root, n=36, seed=0):
+    """n JPEGs spread over nested folders (a sub-folder is not a class), plus a text file, an
+    unreadable .jpg and a hidden file; returns the readable images' paths, sorted."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        folder = os.path.join(root, f"trip{i % 3}", *(["day2"] if i % 2 else []))
+        os.makedirs(folder, exist_ok=True)
+        paths.append(os.path.join(folder, f"img{i:03d}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(jpeg(rng, i % 3))
+    with open(os.path.join(root, "notes.txt"), "w") as f:
+        f.write("not an image")
+    with open(os.path.join(root, "trip1", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg either")
+    with open(os.path.join(root, ".hidden.jpg"), "wb") as f:
+        f.write(b"")
+    return sorted(paths)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    return str(root), make_folder(str(root))
+
+
+def train_in_process(run_dir, root, *extra):
+    cfg = load_config("demo", RUN + [f"data.root={root}", f"run_dir={run_dir}", *extra])
+    run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
+    with Stop() as stop:
+        trainer = build(cfg, dist.init("cpu"), run, None, stop)
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.log.close()
+    return run, trainer, summary
+
+
+def test_every_image_under_the_root_in_sorted_order(folder):
+    root, paths = folder
+    said = []
+    found, labels = list_images(root, said.append)
+    broken = os.path.join(root, "trip1", "broken.jpg")            # unreadable: left out when it is decoded
+    assert found == sorted(paths + [broken]) and labels == [0] * len(found)   # nested too; no .txt, no hidden
+    assert any("1 file(s) left out for their extension" in s for s in said), said
+
+
+@pytest.fixture(scope="module")
+def cached_run(folder, tmp_path_factory):
+    root, _ = folder
+    return train_in_process(tmp_path_factory.mktemp("runs") / "cached", root)
+
+
+def test_a_folder_trains_discovers_and_finishes_without_labels(folder, cached_run, capsys):
+    root, paths = folder
+    run, trainer, summary = cached_run
+    assert summary is not None and summary["final_knn_top1"] is None
+    assert len(trainer.data.train) == len(paths) and len(trainer.data.test) == 0
+    assert (run / "skipped.txt").read_text().startswith(os.path.join(root, "trip1", "broken.jpg"))
+    assert events(run, "knn") == []
+    assert [e["round"] for e in events(run, "discovery")] == [1, 2]
+    assert all(e["consistency"] is None for e in events(run, "round"))
+    assert json.loads((run / "summary.json").read_text())["rounds"][-1]["anchors"] == round(0.3 * 2 * len(paths))
+
+
+def test_the_streaming_loader_reads_the_same_files_in_the_same_order(folder, tmp_path):
+    root, paths = folder
+    cfg = load_config("demo", RUN + [f"data.root={root}", "data.loader=torch", "data.workers=0",
+                                     "data.image_size=32", f"out_dir={tmp_path}"])
+    said = []
+    data = build_data(cfg, dist.init("cpu"), str(tmp_path / "cache"), said.append, False)
+    index = data.index["train"]
+    assert [index.path(i) for i in range(len(index))] == paths and len(data.test) == 0
+    assert data.train.skipped[0][0] == os.path.join(root, "trip1", "broken.jpg")
+    batch = next(iter(data.batches(0, 0)))
+    assert batch.images.shape == (12, 3, 32, 32)
+
+
+def test_an_empty_or_missing_folder_is_one_line(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.txt").write_text("x")
+    cfg = load_config("demo", RUN + [f"data.root={tmp_path / 'empty'}", f"out_dir={tmp_path}"])
+    with pytest.raises(UserError, match="holds no images .*1 other file"):
+        build_data(cfg, dist.init("cpu"), None, print, False)
+    with pytest.raises(ConfigError, match="not an existing folder; data.source=images"):
+        load_config("demo", RUN + [f"data.root={tmp_path / 'nope'}"])
+
+
+@pytest.mark.slow
+def test_the_command_line_says_an_empty_folder_in_one_line_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = subprocess.run([sys.executable, "-m", "and_dist.train", "--config", "demo", *RUN,
+                        f"data.root={tmp_path / 'empty'}", f"out_dir={tmp_path}"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "holds no images" in p.stderr
+
+
+def test_evaluate_and_probe_refuse_a_folder_without_labels(cached_run, capsys):
+    from and_dist import evaluate, probe
+    run = cached_run[0]
+    for main, args in ((evaluate.main, ["knn", "--checkpoint", str(run)]), (probe.main, ["--checkpoint", str(run)])):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "has no labels" in err and "\n" not in err, err
