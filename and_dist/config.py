@@ -108,6 +108,8 @@ class DiscoveryConfig:
                       "else exact", choices=DISCOVERY_KERNELS)
     precision: str = opt("auto", "similarities; auto: bf16x3 with the fused kernel (fp32-accurate), else fp32",
                          choices=PRECISIONS)
+    view_sample: int = opt(1024, "samples whose fresh augmented view is searched in the bank at each discovery "
+                           "(label-free view_agreement); 0: not measured", check=NON_NEGATIVE)
 
 
 @dataclass

@@ -41,5 +41,10 @@ class TrainData(Protocol):
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         """Test-transformed images of samples [lo, hi) of 'train' or 'test', in order, on the device."""
 
+    def views(self, index: torch.Tensor, generator: torch.Generator, offset: int, count: int) -> torch.Tensor:
+        """Train samples index[offset:offset+count] augmented as for training, with the draws of
+        all of `index` from `generator` (so a sample's view does not depend on how many ranks
+        share `index`): float (count, 3, S, S) on the device (label-free view agreement)."""
+
     def pictures(self, index: torch.Tensor) -> torch.Tensor:
         """uint8 (len(index), H, W, 3) thumbnails of train samples, for the run's pictures."""

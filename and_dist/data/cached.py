@@ -195,5 +195,10 @@ class CachedData:
         for a in range(lo, hi, self.eval_batch):
             yield self.test_transform(images[a: min(a + self.eval_batch, hi)].to(self.env.device))
 
+    def views(self, index: torch.Tensor, generator: torch.Generator, offset: int, count: int) -> torch.Tensor:
+        mine = index[offset: offset + count]
+        images = self.images[to_device(mine, self.images.device)].to(self.env.device)
+        return self.augment(images, generator, offset=offset, total=len(index))
+
     def pictures(self, index: torch.Tensor) -> torch.Tensor:
         return self.images[index.to(self.images.device)].cpu()

@@ -104,6 +104,13 @@ class StreamData:
             x = self.augment(images.to(dev, non_blocking=True), plan.colour)
             yield Batch(x, to_device(plan.index, dev), plan.sizes, self.train.labels[plan.mine])
 
+    def views(self, index: torch.Tensor, generator: torch.Generator, offset: int, count: int) -> torch.Tensor:
+        boxes, colour = self.augment.draw(self.hw[index], generator)
+        mine = slice(offset, offset + count)
+        plan = StepPlan(0, index, [count], index[mine], boxes[mine], {k: v[mine] for k, v in colour.items()})
+        _, images = next(iter(self._decode_train(iter([plan]))))
+        return self.augment(images.to(self.env.device), plan.colour)
+
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         chunks = [list(range(a, min(a + self.eval_batch, hi))) for a in range(lo, hi, self.eval_batch)]
         for images in self._decode_eval(self.index[split], chunks):

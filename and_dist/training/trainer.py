@@ -20,6 +20,7 @@ from ..method.kernels.attention import select_shard_fn
 from ..method.bank import ShardedBank
 from ..method.curriculum import Curriculum
 from ..method.discovery import discover
+from ..method.label_free import measure, view_neighbours, view_sample
 from ..method.loss import and_loss
 from ..platform.dist import Env
 from ..platform.log import RunLog, fmt
@@ -94,13 +95,22 @@ class Trainer(Loop):
         nbhd = discover(self.bank, c.curriculum.neighbours, c.discovery.chunk, c.discovery.backend,
                         c.discovery.precision, progress=bar.update, kernel=c.discovery.kernel)
         bar.close()
+        seconds = time.time() - t0
+        previous = self.curriculum.nbhd.neighbours if self.curriculum.nbhd is not None else None
         count = self.curriculum.set_round(r, nbhd)
         cons = self.consistency()
         self.log.info(f"round {r}: {count} anchors, neighbourhood consistency {fmt(cons, '.4f')} "
-                      f"({time.time() - t0:.1f}s)")
+                      f"({seconds:.1f}s)")
         self.log.event(event="discovery", round=r, anchors=count, consistency=cons,
-                       seconds=time.time() - t0, step=self.progress.global_step)
-        self.report.discovery(r, self.curriculum, self.data, self.progress.global_step)
+                       seconds=seconds, step=self.progress.global_step)
+        free = measure(nbhd.neighbours, previous, self.views if c.discovery.view_sample else None)
+        self.report.discovery(r, self.curriculum, self.data, self.progress.global_step, free, seconds)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the view-agreement sample, the nearest bank row to a fresh view of each)."""
+        sample = view_sample(self.bank.n, self.cfg.discovery.view_sample, self.cfg.train.seed)
+        return sample, view_neighbours(self.model, self.data, self.bank, sample, self.cfg.train.seed,
+                                       self.progress.round, self.dtype)
 
     def train_epoch(self) -> EpochDone | None:
         cfg, progress = self.cfg, self.progress
