@@ -131,3 +131,37 @@ def test_evaluate_and_probe_refuse_a_folder_without_labels(cached_run, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert "has no labels" in err and "\n" not in err, err
+
+
+def test_each_discovery_hands_back_its_neighbourhoods_with_the_files(folder, cached_run):
+    from and_dist.method.label_free import mutual
+    root, paths = folder
+    run, trainer, _ = cached_run
+    assert sorted(p.name for p in (run / "neighbourhoods").iterdir()) == ["round1.npz", "round2.npz"]
+    z = np.load(run / "neighbourhoods" / "round2.npz")
+    assert list(z["files"]) == paths and int(z["round"]) == 2                 # row i is the file of bank row i
+    nb = trainer.curriculum.nbhd
+    assert np.array_equal(z["neighbours"], nb.neighbours.numpy()) and np.array_equal(z["entropy"], nb.entropy.numpy())
+    assert np.array_equal(z["anchor"], trainer.curriculum.anchor.numpy())
+    assert np.array_equal(z["mutual_rate"], mutual(nb.neighbours).numpy())
+    assert np.isfinite(z["view_agreement"]).sum() == len(paths)              # sample = every row here
+    assert np.isnan(np.load(run / "neighbourhoods" / "round1.npz")["round_stability"]).all()
+
+
+def test_export_writes_every_embedding_with_its_file(folder, cached_run, tmp_path, capsys):
+    import torch
+    from helpers import final_bank
+    from and_dist.eval.features import extract
+    from and_dist.export import main
+    root, paths = folder
+    run, trainer, _ = cached_run
+    assert main([str(run), "--to", "embeddings", str(tmp_path / "bank.npz")]) == 0
+    z = np.load(tmp_path / "bank.npz")
+    assert list(z["files"]) == paths and np.array_equal(z["embeddings"], final_bank(run).float().numpy())
+    assert main([str(run), "--to", "embeddings", "--features", "recompute", str(tmp_path / "fresh.npz")]) == 0
+    fresh = np.load(tmp_path / "fresh.npz")["embeddings"]
+    want = torch.nn.functional.normalize(extract(trainer.model, trainer.data.eval_images("train", 0, len(paths))), dim=1)
+    assert np.allclose(fresh, want.numpy(), atol=1e-5)
+    capsys.readouterr()
+    assert main([str(run), "--to", "embeddings", str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err.strip().endswith("embeddings are written as a .npz file")

@@ -5,7 +5,7 @@ memory) and the streaming loaders."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -23,6 +23,7 @@ class SplitInfo:
     labels: torch.Tensor                    # (N,) int64, on the CPU
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason), left out
+    path: Callable[[int], str] | None = None   # sample i's file (None: the source has no files, e.g. demo)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -62,7 +62,7 @@ class FileIndex:
         return self.formats[self.format_id[i]]
 
     def info(self) -> SplitInfo:
-        return SplitInfo(torch.from_numpy(self.labels), list(self.classes), list(self.skipped))
+        return SplitInfo(torch.from_numpy(self.labels), list(self.classes), list(self.skipped), self.path)
 
 
 def tree_key(split_dir: str, classes: list[str], extra: str = "") -> str:

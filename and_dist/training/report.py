@@ -26,6 +26,9 @@ class Report:
         if not self.enabled:
             return
         self.diagnostics(round_, curriculum, data.train.labels, step, free, seconds)
+        from . import neighbourhoods
+        neighbourhoods.write(self.dir / "neighbourhoods" / f"round{round_}.npz", round_, step, curriculum, free,
+                             data.train.path, len(data.train))
         from ..platform import plots
         nb = curriculum.nbhd
         from ..data.images import labelled
