@@ -165,3 +165,32 @@ def test_export_writes_every_embedding_with_its_file(folder, cached_run, tmp_pat
     capsys.readouterr()
     assert main([str(run), "--to", "embeddings", str(tmp_path / "x.csv")]) == 2
     assert capsys.readouterr().err.strip().endswith("embeddings are written as a .npz file")
+
+
+def test_each_discovery_logs_how_stale_the_bank_rows_were(cached_run):
+    from and_dist.data.sampler import global_batches
+    run, trainer, _ = cached_run
+    n, per_epoch = trainer.bank.n, trainer.data.steps(1, 0)
+    last_epoch = global_batches(n, 12, 1, 0, 1, 1)            # round 1's last epoch, before discovery 2
+    want = np.full(n, -1)
+    for step, idx in enumerate(last_epoch):
+        want[idx.numpy()] = per_epoch - 1 - step               # steps since that row's last update
+    z = np.load(run / "neighbourhoods" / "round2.npz")
+    assert np.array_equal(z["bank_age"], want)
+    (d,) = [e for e in events(run, "diagnostics") if e["round"] == 2]
+    assert d["bank_age_median_steps"] == np.median(want) and d["bank_never_updated"] == 0
+    assert d["bank_age_p90_epochs"] == pytest.approx(np.quantile(want, 0.9) / per_epoch)
+
+
+def test_row_ages_survive_a_checkpoint(tmp_path):
+    import torch
+    from and_dist.method.bank import ShardedBank
+    bank = ShardedBank(10, 4)
+    for step in range(3):
+        bank.update(torch.tensor([step, step + 1]), torch.randn(2, 4))
+    assert bank.ages().tolist() == [2, 1, 0, 0] + [-1] * 6
+    again = ShardedBank(10, 4, seed=1)
+    again.load_state_dict([bank.state_dict()])
+    assert torch.equal(again.ages(), bank.ages())
+    old = {k: v for k, v in bank.state_dict().items() if k not in ("updated", "updates")}   # before issue 34
+    ShardedBank(10, 4).load_state_dict([old])

@@ -10,6 +10,7 @@ Arrays, row i = sample i = bank row i:
                    float64, the label-free flags (label_free.py): 1 / 0, or a share of
                    neighbours; NaN where not measured (view_agreement off its sample,
                    round_stability at the first discovery)
+  bank_age         int64, steps since its bank row was last updated (-1: never, still random)
   round, step      when
 """
 from __future__ import annotations
@@ -22,12 +23,14 @@ import numpy as np
 from ..platform import files as io_files
 
 
-def write(path: Path, round_: int, step: int, curriculum, free, path_of, n: int) -> Path:
+def write(path: Path, round_: int, step: int, curriculum, free, path_of, n: int, ages=None) -> Path:
     nb = curriculum.nbhd
     arrays = {"round": np.int64(round_), "step": np.int64(step), "anchor": curriculum.anchor.numpy(),
               "neighbours": nb.neighbours.numpy(), "entropy": nb.entropy.numpy()}
     if free is not None:
         arrays.update({name: v.numpy() for name, v in free.per_sample.items()})
+    if ages is not None:
+        arrays["bank_age"] = ages.numpy()
     if path_of is not None:
         arrays["files"] = np.array([path_of(i) for i in range(n)])
     buf = io.BytesIO()

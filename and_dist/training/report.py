@@ -19,16 +19,17 @@ class Report:
     def __init__(self, run_dir: Path, log, enabled: bool):
         self.dir, self.log, self.enabled = run_dir, log, enabled
 
-    def discovery(self, round_: int, curriculum, data, step: int, free=None, seconds: float | None = None) -> None:
+    def discovery(self, round_: int, curriculum, data, step: int, free=None, seconds: float | None = None,
+                  ages=None) -> None:
         """Anchors with their neighbours, the entropy histogram with the anchor cut-off, and the
         neighbourhood diagnostics: label-free (`free`, label_free.LabelFree) and, with labels,
-        the consistency by entropy decile."""
+        the consistency by entropy decile; `ages`: (each bank row's age in steps, steps per epoch)."""
         if not self.enabled:
             return
-        self.diagnostics(round_, curriculum, data.train.labels, step, free, seconds)
+        self.diagnostics(round_, curriculum, data.train.labels, step, free, seconds, ages)
         from . import neighbourhoods
         neighbourhoods.write(self.dir / "neighbourhoods" / f"round{round_}.npz", round_, step, curriculum, free,
-                             data.train.path, len(data.train))
+                             data.train.path, len(data.train), None if ages is None else ages[0])
         from ..platform import plots
         nb = curriculum.nbhd
         from ..data.images import labelled
@@ -40,7 +41,8 @@ class Report:
             if path is not None:
                 self.log.image(key, path, step)
 
-    def diagnostics(self, round_: int, curriculum, labels, step: int, free=None, seconds: float | None = None) -> None:
+    def diagnostics(self, round_: int, curriculum, labels, step: int, free=None, seconds: float | None = None,
+                    ages=None) -> None:
         """One `diagnostics` event (metrics.jsonl, wandb) with the label-free measures and, with
         labels, the consistency, each by entropy decile and for anchors against the rest; console
         lines and pictures of each kind."""
@@ -49,6 +51,13 @@ class Report:
         nb = curriculum.nbhd
         diag = diagnose(nb.entropy, nb.neighbours, curriculum.anchor, labels)
         metrics = {"anchors": int(curriculum.anchor.sum()), "discovery_seconds": seconds}
+        if ages is not None:
+            from ..method.bank import age_summary
+            metrics.update(age_summary(*ages))
+            self.log.info(f"round {round_} bank rows used: median age {fmt(metrics['bank_age_median_steps'], '.0f')} "
+                          f"steps ({fmt(metrics['bank_age_median_epochs'], '.2f')} epochs), 90th percentile "
+                          f"{fmt(metrics['bank_age_p90_steps'], '.0f')} steps ({fmt(metrics['bank_age_p90_epochs'], '.2f')} "
+                          f"epochs); {metrics['bank_never_updated']} never updated")
         if free is not None:
             metrics.update(free.summary(nb.entropy, curriculum.anchor))
             for name in free.per_sample:
@@ -69,7 +78,7 @@ class Report:
                           f"chance {diag.chance:.3f}")
             path = plots.consistency_chart(self.dir / f"consistency-round{round_}.png", diag, round_)
             self.log.image("pictures/consistency", path, step)
-        if free is not None or diag is not None:
+        if free is not None or diag is not None or ages is not None:
             self.log.event(event="diagnostics", round=round_, step=step, **metrics)
 
     def rounds(self, rows: list[dict], step: int) -> None:

@@ -104,7 +104,9 @@ class Trainer(Loop):
         self.log.event(event="discovery", round=r, anchors=count, consistency=cons,
                        seconds=seconds, step=self.progress.global_step)
         free = measure(nbhd.neighbours, previous, self.views if c.discovery.view_sample else None)
-        self.report.discovery(r, self.curriculum, self.data, self.progress.global_step, free, seconds)
+        ages = self.bank.ages()
+        self.report.discovery(r, self.curriculum, self.data, self.progress.global_step, free, seconds,
+                              (ages, self.data.steps(r, 0)))
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the view-agreement sample, the nearest bank row to a fresh view of each)."""
