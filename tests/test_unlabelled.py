@@ -194,3 +194,26 @@ def test_row_ages_survive_a_checkpoint(tmp_path):
     assert torch.equal(again.ages(), bank.ages())
     old = {k: v for k, v in bank.state_dict().items() if k not in ("updated", "updates")}   # before issue 34
     ShardedBank(10, 4).load_state_dict([old])
+
+
+@pytest.mark.slow
+def test_two_ranks_discover_and_measure_as_one(folder, tmp_path):
+    """torchrun, 2 gloo ranks, float64: the same neighbourhoods, label-free measures (the view
+    search runs sharded) and bank ages as one process; the run exports."""
+    root, paths = folder
+    args = [*RUN, f"data.root={root}", "train.dtype=float64", f"out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "and_dist.train", "--config", "demo", *args, f"run_dir={tmp_path / 'two'}"]
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    one = train_in_process(tmp_path / "one", root, "train.dtype=float64", f"out_dir={tmp_path}")[0]
+    keys = ("mutual_rate", "view_agreement", "round_stability", "bank_age_median_steps", "decile3_view_agreement")
+    diag = {run: [{k: e[k] for k in keys} for e in events(run, "diagnostics")] for run in (one, tmp_path / "two")}
+    assert diag[one] == diag[tmp_path / "two"] and len(diag[one]) == 2
+    for name in ("round1.npz", "round2.npz"):
+        a, b = (np.load(run / "neighbourhoods" / name) for run in (one, tmp_path / "two"))
+        assert all(np.array_equal(a[k], b[k]) for k in ("neighbours", "anchor", "files", "bank_age"))
+    out = tmp_path / "emb.npz"
+    e = subprocess.run([sys.executable, "-m", "and_dist.export", str(tmp_path / "two"), "--to", "embeddings", str(out)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0 and list(np.load(out)["files"]) == paths, e.stderr
