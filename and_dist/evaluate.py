@@ -117,7 +117,10 @@ def knn(cfg: Config, env, model, log: RunLog, bank, ckpt: Path | None, dtype) ->
     from .data import build_data
     from .eval.knn import knn_eval
     from .eval.weights import run_bank_rows
+    from .data.images import NO_LABELS, labelled
     data = build_data(cfg, env, None, log.info, log.tty)
+    if not labelled(data):                   # a pack of a folder without labels
+        raise UserError(NO_LABELS.format(source=cfg.data.source, what="kNN"))
     feats = None
     if cfg.eval.train_features == "bank":
         n = len(data.train)

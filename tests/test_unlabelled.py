@@ -217,3 +217,19 @@ def test_two_ranks_discover_and_measure_as_one(folder, tmp_path):
     e = subprocess.run([sys.executable, "-m", "and_dist.export", str(tmp_path / "two"), "--to", "embeddings", str(out)],
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert e.returncode == 0 and list(np.load(out)["files"]) == paths, e.stderr
+
+
+def test_a_folder_packs_and_trains_from_its_pack(folder, tmp_path):
+    from and_dist.prepare import main as prepare
+    from and_dist.data.images import labelled
+    root, paths = folder
+    assert prepare([root, str(tmp_path / "pack"), "--pack", "--images", "--workers", "1"]) == 0
+    for loader in ("cached", "torch"):
+        cfg = load_config("demo", RUN + ["data.source=pack", f"data.root={tmp_path / 'pack'}", f"data.loader={loader}",
+                                         "data.workers=0", f"out_dir={tmp_path}"])
+        data = build_data(cfg, dist.init("cpu"), str(tmp_path / "cache"), print, False)
+        assert not labelled(data) and len(data.train) == len(paths)
+        names = [data.train.path(i).split(".tar:")[1] for i in range(len(paths))]
+        assert names == [os.path.relpath(p, root) for p in paths]
+        assert data.train.skipped[0][0].endswith("broken.jpg")
+        assert next(iter(data.batches(0, 0))).images.shape[0] == 12

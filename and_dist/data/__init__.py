@@ -50,7 +50,7 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
         sets = tuple(ImageSet(resize_uint8(s.images, image_size), s.labels, s.classes, [])
                      for s in load_official(source, root, download, log))
     for split, s in zip(("train", "test"), sets):
-        if len(s) == 0 and (split == "train" or source != "images"):
+        if len(s) == 0 and (split == "train" or s.classes):       # no classes: a set without labels
             raise UserError(f"data.root '{root}': every {split} image is unreadable "
                             f"({len(s.skipped)} skipped, e.g. {s.skipped[0][0]}: {s.skipped[0][1]})")
     return sets
