@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     print(f"{len(all_units)} (run, discovery, decile) units from {len(args.runs)} run(s)")
     for m in MEASURES:
         pairs = [(u[m], u["consistency"]) for u in all_units if u[m] is not None and u["consistency"] is not None]
-        if len(pairs) < 3:
-            print(f"{m}: too few units ({len(pairs)})")
+        if len(pairs) < 3 or len({a for a, _ in pairs}) == 1:
+            print(f"{m}: no rank correlation: {len(pairs)} units" + (f", all {pairs[0][0]:.3f}" if pairs else ""))
             continue
         rho, p = spearmanr(*zip(*pairs))
         within = []
