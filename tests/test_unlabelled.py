@@ -100,6 +100,11 @@ def test_the_streaming_loader_reads_the_same_files_in_the_same_order(folder, tmp
     assert data.train.skipped[0][0] == os.path.join(root, "trip1", "broken.jpg")
     batch = next(iter(data.batches(0, 0)))
     assert batch.images.shape == (12, 3, 32, 32)
+    import torch
+    idx, g = torch.arange(5, 35), lambda: torch.Generator().manual_seed(3)   # noqa: E731
+    whole = data.views(idx, g(), 0, 30)                       # more rows than a step's: decoded in pieces
+    parts = torch.cat([data.views(idx, g(), 0, 10), data.views(idx, g(), 10, 20)])   # as two ranks would
+    assert whole.shape == (30, 3, 32, 32) and torch.allclose(whole, parts)
 
 
 def test_an_empty_or_missing_folder_is_one_line(tmp_path):

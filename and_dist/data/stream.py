@@ -106,10 +106,11 @@ class StreamData:
 
     def views(self, index: torch.Tensor, generator: torch.Generator, offset: int, count: int) -> torch.Tensor:
         boxes, colour = self.augment.draw(self.hw[index], generator)
-        mine = slice(offset, offset + count)
-        plan = StepPlan(0, index, [count], index[mine], boxes[mine], {k: v[mine] for k, v in colour.items()})
-        _, images = next(iter(self._decode_train(iter([plan]))))
-        return self.augment(images.to(self.env.device), plan.colour)
+        most = -(-self.batch_size // self.env.world)        # a training step's rows: DALI's largest batch
+        plans = [StepPlan(0, index, [count], index[a:b], boxes[a:b], {k: v[a:b] for k, v in colour.items()})
+                 for a, b in ((a, min(a + most, offset + count)) for a in range(offset, offset + count, most))]
+        return torch.cat([self.augment(images.to(self.env.device), plan.colour)
+                          for plan, images in self._decode_train(iter(plans))])
 
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         chunks = [list(range(a, min(a + self.eval_batch, hi))) for a in range(lo, hi, self.eval_batch)]
