@@ -39,7 +39,8 @@ AUTO_OR_POSITIVE = ("must be 'auto' or a positive integer", lambda v: v == "auto
 @dataclass
 class DataConfig:
     """Where images come from and how they are augmented."""
-    source: str = opt("demo", "where images come from: the embedded demo set, an ImageFolder tree, a pack of it "
+    source: str = opt("demo", "where images come from: the embedded demo set, an ImageFolder tree, a folder of "
+                      "unlabelled images (images: every image under root, no kNN or probes), a pack of either "
                       "(prepare --pack), or official CIFAR/SVHN files", choices=SOURCES)
     loader: str = opt("cached", "cached: decoded once into memory (up to 96 px); dali, torch: streamed from files "
                       "(NVIDIA DALI or PIL workers)", choices=LOADERS)
@@ -107,6 +108,8 @@ class DiscoveryConfig:
                       "else exact", choices=DISCOVERY_KERNELS)
     precision: str = opt("auto", "similarities; auto: bf16x3 with the fused kernel (fp32-accurate), else fp32",
                          choices=PRECISIONS)
+    view_sample: int = opt(1024, "samples whose fresh augmented view is searched in the bank at each discovery "
+                           "(label-free view_agreement); 0: not measured", check=NON_NEGATIVE)
 
 
 @dataclass
@@ -243,9 +246,9 @@ def validate(cfg: Config, check_data: bool = True) -> None:
             check_root(d.source, d.root, d.download)
             check_layout_keys(d)
         check_pack_options(d)
-        if d.loader != "cached" and d.source not in ("imagefolder", "pack"):
-            raise UserError(f"data.loader={d.loader} streams an ImageFolder tree or a pack (data.source=imagefolder "
-                            f"or pack); data.source={d.source} is read into memory: use data.loader=cached")
+        if d.loader != "cached" and d.source not in ("imagefolder", "images", "pack"):
+            raise UserError(f"data.loader={d.loader} streams an ImageFolder tree, a folder of images or a pack "
+                            f"(data.source=imagefolder, images or pack); data.source={d.source} is read into memory: use data.loader=cached")
         resolve_kernel(c.kernel, c.precision, c.backend, fused_runs=False if cfg.train.device == "cpu" else None)
     except UserError as e:
         raise ConfigError(str(e)) from None

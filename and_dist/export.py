@@ -1,4 +1,6 @@
-"""Export a run's backbone for use elsewhere: `python -m and_dist.export RUN --to torchvision OUT.pth`.
+"""Export a run's backbone for use elsewhere: `python -m and_dist.export RUN --to torchvision OUT.pth`;
+or the embedding of every training image with its file: `--to embeddings OUT.npz` (the run's memory
+bank, or `--features recompute`: the model on each image with the test transform).
 
 OUT.pth is a plain state dict in torchvision's names: `torchvision.models.<arch>()` loads it with
 `strict=False` and reports only its classifier (`fc.*`, AlexNet's `classifier.6.*`) as missing.
@@ -84,15 +86,59 @@ def export(source: str, out: Path) -> dict:
     return info
 
 
+def export_embeddings(source: str, out: Path, features: str = "bank") -> dict:
+    """OUT.npz: `embeddings` (N, D) float32, unit length, row i = training sample i, `files` (N,)
+    its image file where the source has files; for search, deduplication or clustering."""
+    import numpy as np
+    from .data import build_data
+    from .eval.features import extract
+    from .eval.pretrained import load_model
+    from .eval.weights import run_bank_rows
+    from .evaluate import resolve
+    from .platform.dist import init
+    ckpt, weights, _ = resolve(source)
+    if ckpt is None:
+        raise UserError(f"{weights} is a weights file; export takes a run (directory, checkpoint or run name)")
+    if out.suffix != ".npz":
+        raise UserError(f"{out}: embeddings are written as a .npz file")
+    model, cfg, ckpt = load_model(ckpt)
+    cfg.data.loader = "torch" if cfg.data.loader == "dali" else cfg.data.loader      # no GPU needed here
+    data = build_data(cfg, init("cpu"), None, print, False)
+    n = len(data.train)
+    if features == "bank":
+        rows = run_bank_rows(ckpt, n, 0, n)
+        if rows is None:
+            raise UserError(f"{ckpt} holds no memory bank; use --features recompute")
+    else:
+        rows = torch.nn.functional.normalize(extract(model, data.eval_images("train", 0, n)), dim=1)
+    arrays = {"embeddings": rows.float().numpy()}
+    if data.train.path is not None:
+        arrays["files"] = np.array([data.train.path(i) for i in range(n)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:   # np.savez would add .npz to a name without it
+        np.savez_compressed(f, **arrays)
+    return {"checkpoint": str(ckpt), "rows": n, "dim": rows.shape[1], "files": "files" in arrays,
+            "features": features}
+
+
 @exits_on_stop("run the same command again")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m and_dist.export", description=(
         "Write a run's backbone as a torchvision state dict (OUT.pth) and its description (OUT.json)."))
     parser.add_argument("run", help="a run directory, a checkpoint directory or a run-name directory")
-    parser.add_argument("--to", required=True, choices=("torchvision",))
-    parser.add_argument("out", help="OUT.pth")
+    parser.add_argument("--to", required=True, choices=("torchvision", "embeddings"),
+                        help="torchvision: the backbone (OUT.pth); embeddings: every training image's embedding "
+                        "with its file (OUT.npz)")
+    parser.add_argument("--features", default="bank", choices=("bank", "recompute"),
+                        help="embeddings: the memory bank's rows, or recomputed with the test transform")
+    parser.add_argument("out", help="OUT.pth or OUT.npz")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.to == "embeddings":
+            info = export_embeddings(args.run, Path(args.out).expanduser(), args.features)
+            print(f"exported {info['rows']} embeddings ({info['dim']}-d, {info['features']}) of {info['checkpoint']} "
+                  f"to {args.out}" + (" with their files" if info["files"] else " (this source has no files)"))
+            return 0
         info = export(args.run, Path(args.out).expanduser())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="tree copy: label files outside SRC (data.val_labels, meta.mat) to copy into DST")
     pack = ap.add_argument_group("packs (docs/data.md): each split in a few tar shards with an index")
     pack.add_argument("--pack", action="store_true", help="write a pack instead of a tree copy")
+    pack.add_argument("--images", action="store_true", help="SRC is a folder of unlabelled images (data.source=images): "
+                      "every image under it, no test split")
     pack.add_argument("--shard-size", default="1G", metavar="SIZE", help="bytes per shard, e.g. 1G, 256M")
     pack.add_argument("--classes", default="", metavar="FILE", help="pack only these classes (as data.classes)")
     pack.add_argument("--val-labels", default="", metavar="FILE", help="labels of a flat val/ (as data.val_labels)")
@@ -189,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         (shard_bytes < 1, f"--shard-size {args.shard_size!r} is not a size such as 1G or 256M"),
         (args.pack and args.labels, "--labels copies files into a tree copy; a pack takes --val-labels"),
         (not args.pack and (args.classes or args.val_labels or args.val_ids),
-         "--classes, --val-labels and --val-ids are for --pack")) if bad]
+         "--classes, --val-labels and --val-ids are for --pack"),
+        (args.images and not args.pack, "--images is for --pack (a tree copy keeps any folder as it is)"),
+        (args.images and (args.classes or args.val_labels or args.val_ids),
+         "--images packs a folder without labels: --classes, --val-labels and --val-ids do not apply")) if bad]
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.pack:
             from .data.pack_write import write_pack
             options = argparse.Namespace(classes=args.classes, val_labels=args.val_labels, val_ids=args.val_ids,
-                                         source="imagefolder")
+                                         source="images" if args.images else "imagefolder")
             check_layout_keys(options)
             counts = write_pack(args.src, args.dst, args.shorter_side or None, args.quality, args.workers,
                                 shard_bytes, options, progress=sys.stderr.isatty())

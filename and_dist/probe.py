@@ -52,8 +52,12 @@ def configure(cfg: Config, config: str, overrides: list[str]) -> Config:
 
 def _load(checkpoint_arg: str, config: str, overrides: list[str]):
     from .eval.pretrained import load_model
+    from .data.images import NO_LABELS
     model, cfg, ckpt = load_model(_checkpoint_dir(checkpoint_arg))
-    return model, configure(cfg, config, overrides), ckpt
+    cfg = configure(cfg, config, overrides)
+    if cfg.data.source == "images":
+        raise UserError(NO_LABELS.format(source="images", what="a linear probe"))
+    return model, cfg, ckpt
 
 
 @exits_on_stop("run the same command again to continue")

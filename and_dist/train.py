@@ -19,6 +19,7 @@ from .run import checkpoint, rundir
 from .platform import dist, precision
 from .config import Config, config_or_exit, save_config
 from .data import build_data
+from .data.images import labelled
 from .run.entry import Session, main_decides
 from .platform.errors import UserError
 from .platform.log import RunLog
@@ -91,6 +92,9 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
         checkpoint.load(ckpt, {k: v for k, v in trainer.checkpoint_owners().items() if k != "log"})
         log.load_state_dict(_log_state(cfg, run, ckpt, trainer.progress))
     _banner(log, cfg, env, run, data, ckpt, trainer.progress, source)
+    if not labelled(data):
+        log.info(f"data.source={cfg.data.source} has no labels: the kNN evaluation is skipped "
+                 "(discovery, its label-free measures and the pictures still run)")
     log.start_wandb()
     return trainer
 
@@ -139,7 +143,10 @@ def _train(cfg: Config, session: Session) -> int:
         trainer = build(cfg, session.env, run, ckpt, stop)
         try:
             done = trainer.run() is not None
-            if done and cfg.probe.after_train:
+            if done and cfg.probe.after_train and not labelled(trainer.data):
+                trainer.log.info(f"probe.after_train: data.source={cfg.data.source} has no labels, "
+                                 "so the linear probes are skipped")
+            elif done and cfg.probe.after_train:
                 trainer.data = None                # the probes load their own (on the GPU too)
                 done = run_probes(cfg, session.env, run, trainer.model, trainer.log, stop=stop,
                                   step=trainer.progress.global_step) is not None

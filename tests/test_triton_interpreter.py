@@ -63,7 +63,7 @@ def _run_kernels(out: str) -> None:
         assert isinstance(kernel, InterpretedFunction), "run with TRITON_INTERPRET=1 set before the import"
     fused_attention.HALF = tl.float16
     fused_discovery.HALF = torch.float16
-    discovery.fused_available = lambda device: True      # let choose() take kernel=fused on CPU
+    discovery.fused_available = lambda device: True      # let discover() take kernel=fused on CPU
 
     res = {"attention_module": fused_attention.__file__, "BLOCK_N": fused_attention.BLOCK_N}
     q, rows = _attention_inputs()

@@ -37,7 +37,12 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
         from .pack import open_pack
         return tuple(load_pack_split(s, image_size, cache_dir, workers, log, progress)
                      for s in open_pack(root, cache_dir, workers, log))
-    if source == "imagefolder":
+    if source == "images":
+        from .images import empty_set, list_images
+        train = load_imagefolder(root, "images", [], image_size, cache_dir, workers, log, progress,
+                                 lambda _, lg: list_images(root, lg))
+        sets = (train, empty_set(image_size))
+    elif source == "imagefolder":
         layout = resolve(root, data_config)
         sets = tuple(load_imagefolder(root, split, layout.classes, image_size, cache_dir, workers, log, progress,
                                       layout.listing) for split in ("train", layout.test))
@@ -45,7 +50,7 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
         sets = tuple(ImageSet(resize_uint8(s.images, image_size), s.labels, s.classes, [])
                      for s in load_official(source, root, download, log))
     for split, s in zip(("train", "test"), sets):
-        if len(s) == 0:
+        if len(s) == 0 and (split == "train" or s.classes):       # no classes: a set without labels
             raise UserError(f"data.root '{root}': every {split} image is unreadable "
                             f"({len(s.skipped)} skipped, e.g. {s.skipped[0][0]}: {s.skipped[0][1]})")
     return sets
@@ -71,6 +76,15 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
         train, test = open_pack(d.root, cache_dir, d.workers, log, verify)
         return Loader(train, test, cfg, env)
     from .index import load_index
+    if d.source == "images":
+        from .images import empty_index, list_images, listing_key
+        paths, labels = list_images(d.root, log)
+        train = load_index(d.root, "", [], cache_dir, d.workers, log, progress, verify,
+                           lambda _, lg: (paths, labels), listing_key(paths))
+        if len(train) == 0:
+            raise UserError(f"data.root '{d.root}': every image is unreadable ({len(train.skipped)} skipped, "
+                            f"e.g. {train.skipped[0][0]}: {train.skipped[0][1]})")
+        return Loader(train, empty_index(d.root), cfg, env)
     layout = resolve(d.root, d)
     train, test = (load_index(d.root, split, layout.classes, cache_dir, d.workers, log, progress, verify,
                               layout.listing, layout.key(split)) for split in ("train", layout.test))

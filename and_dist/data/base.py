@@ -5,7 +5,7 @@ memory) and the streaming loaders."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -23,6 +23,7 @@ class SplitInfo:
     labels: torch.Tensor                    # (N,) int64, on the CPU
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason), left out
+    path: Callable[[int], str] | None = None   # sample i's file (None: the source has no files, e.g. demo)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,6 +41,11 @@ class TrainData(Protocol):
 
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         """Test-transformed images of samples [lo, hi) of 'train' or 'test', in order, on the device."""
+
+    def views(self, index: torch.Tensor, generator: torch.Generator, offset: int, count: int) -> torch.Tensor:
+        """Train samples index[offset:offset+count] augmented as for training, with the draws of
+        all of `index` from `generator` (so a sample's view does not depend on how many ranks
+        share `index`): float (count, 3, S, S) on the device (label-free view agreement)."""
 
     def pictures(self, index: torch.Tensor) -> torch.Tensor:
         """uint8 (len(index), H, W, 3) thumbnails of train samples, for the run's pictures."""

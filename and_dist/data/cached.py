@@ -33,12 +33,13 @@ class ImageSet:
     labels: torch.Tensor                     # int64 (N,); only for evaluation, never for training
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
+    files: list[str] = field(default_factory=list)   # row i's file; empty for sources without files
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def info(self) -> SplitInfo:
-        return SplitInfo(self.labels, self.classes, self.skipped)
+        return SplitInfo(self.labels, self.classes, self.skipped, self.files.__getitem__ if self.files else None)
 
 
 # ------------------------------------------------------------------------- imagefolder decoding
@@ -46,7 +47,8 @@ class ImageSet:
 def _cache_key(root: str, split: str, image_size: int, paths: list[str], labels: list[int]) -> str:
     """Hash of everything that changes the decoded arrays: root, split, size, the labels and each
     file's size+mtime."""
-    h = hashlib.sha256(os.fsencode(f"{os.path.abspath(root)}|{split}|{image_size}"))   # any file name
+    # "files": these caches hold each row's file too (older ones do not, so they are not matched)
+    h = hashlib.sha256(os.fsencode(f"{os.path.abspath(root)}|{split}|{image_size}|files"))   # any file name
     h.update(np.asarray(labels, dtype=np.int64).tobytes())
     for p in paths:
         h.update(os.fsencode(f"|{p[len(root):]}:{file_stamp(p)}"))
@@ -64,7 +66,8 @@ def _decode(source, size: int) -> np.ndarray:
 def _read_cache(cache_path: str, classes: list[str], log) -> ImageSet | None:
     try:
         z = torch.load(cache_path, weights_only=True)
-        return ImageSet(z["images"], z["labels"], list(classes), [tuple(s) for s in z["skipped"]])
+        files = z["files"].split("\0") if z["files"] else []          # KeyError: a cache from before files
+        return ImageSet(z["images"], z["labels"], list(classes), [tuple(s) for s in z["skipped"]], files)
     except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
         log(f"cache {cache_path} is unreadable ({type(e).__name__}); decoding the images again")
         return None
@@ -102,13 +105,14 @@ def load_pack_split(split, image_size: int, cache_dir: str | None, workers: int,
         if os.path.exists(cache_path):
             cached = _read_cache(cache_path, split.classes, log)
             if cached is not None:
-                return ImageSet(cached.images, cached.labels, cached.classes, list(split.skipped) + cached.skipped)
+                return ImageSet(cached.images, cached.labels, cached.classes, list(split.skipped) + cached.skipped,
+                                cached.files)
     log(f"decoding {len(split)} images of the pack's {split.split} into memory at {image_size} px "
         "(cached for later runs)")
     images, errors = _decode_all(split.source, len(split), image_size, workers, f"decode {split.split}", progress, log)
     names = [split.path(i) for i in range(len(split))]
     out = _keep_readable(images, errors, split.labels, names, split.classes, cache_path, log)
-    return ImageSet(out.images, out.labels, out.classes, list(split.skipped) + out.skipped)
+    return ImageSet(out.images, out.labels, out.classes, list(split.skipped) + out.skipped, out.files)
 
 
 def _decode_all(source_of, n: int, image_size: int, workers: int, desc: str, progress: bool, log):
@@ -139,11 +143,12 @@ def _keep_readable(images: np.ndarray, errors: list, labels, paths: list[str], c
     keep = np.array([err is None for err in errors], dtype=bool)
     images = np.ascontiguousarray(images[keep]) if not keep.all() else images
     label_arr = np.asarray(labels, dtype=np.int64)[keep]
+    kept = [p for p, ok in zip(paths, keep) if ok]
     if cache_path:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         files.torch_save({"images": torch.from_numpy(images), "labels": torch.from_numpy(label_arr),
-                          "skipped": [list(s) for s in skipped]}, cache_path)
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(label_arr), list(classes), skipped)
+                          "skipped": [list(s) for s in skipped], "files": "\0".join(kept)}, cache_path)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(label_arr), list(classes), skipped, kept)
 
 
 def channel_stats(images: torch.Tensor, limit: int = 10000) -> tuple[tuple, tuple]:
@@ -197,6 +202,11 @@ class CachedData:
         images = self.images if split == "train" else self.test_images
         for a in range(lo, hi, self.eval_batch):
             yield self.test_transform(images[a: min(a + self.eval_batch, hi)].to(self.env.device))
+
+    def views(self, index: torch.Tensor, generator: torch.Generator, offset: int, count: int) -> torch.Tensor:
+        mine = index[offset: offset + count]
+        images = self.images[to_device(mine, self.images.device)].to(self.env.device)
+        return self.augment(images, generator, offset=offset, total=len(index))
 
     def pictures(self, index: torch.Tensor) -> torch.Tensor:
         return self.images[index.to(self.images.device)].cpu()

@@ -61,7 +61,7 @@ class FileIndex:
         return self.formats[self.format_id[i]]
 
     def info(self) -> SplitInfo:
-        return SplitInfo(torch.from_numpy(self.labels), list(self.classes), list(self.skipped))
+        return SplitInfo(torch.from_numpy(self.labels), list(self.classes), list(self.skipped), self.path)
 
 
 def tree_key(split_dir: str, classes: list[str], extra: str = "") -> str:
@@ -125,7 +125,7 @@ def _build(root: str, split: str, classes: list[str], workers: int, progress: bo
            listing=None) -> FileIndex:
     split_dir = os.path.join(root, split)
     paths, labels = listing(split, log) if listing else list_split(root, split, classes, log)
-    checks = parallel(check_image, paths, workers, f"check {split}", progress, log)
+    checks = parallel(check_image, paths, workers, f"check {split or 'images'}", progress, log)
     keep = [i for i, c in enumerate(checks) if c[3] is None]
     formats = sorted({checks[i][2] for i in keep})
     stamped = stamps([paths[i] for i in keep], workers)
@@ -167,7 +167,7 @@ def load_index(root: str, split: str, classes: list[str], cache_dir: str | None,
     split_dir = os.path.join(root, split)
     cache_path = None
     if cache_dir:
-        cache_path = os.path.join(cache_dir, f"index-{split}-{tree_key(split_dir, classes, extra)}.pt")
+        cache_path = os.path.join(cache_dir, f"index-{split or 'images'}-{tree_key(split_dir, classes, extra)}.pt")
         if os.path.exists(cache_path):
             try:
                 index = _load(cache_path, split_dir)

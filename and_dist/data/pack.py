@@ -143,7 +143,8 @@ class PackSplit:
         return self.formats[self.format_id[i]]
 
     def info(self) -> SplitInfo:
-        return SplitInfo(torch.from_numpy(self.labels.astype(np.int64)), list(self.classes), list(self.skipped))
+        return SplitInfo(torch.from_numpy(self.labels.astype(np.int64)), list(self.classes), list(self.skipped),
+                         self.path)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_opening")}

@@ -177,7 +177,7 @@ def _write_split(src: str, dst: str, split: str, folder: str, paths: list[str], 
 
 def write_index(dst: str, split: str, records: list[dict], labels: list[int], names: list[str]) -> None:
     rows = [(k, *row) for k, r in enumerate(records) for row in r["rows"]]
-    if not rows:
+    if not rows and names:                # (a folder without labels has an empty test split)
         raise UserError(f"every {split} image of the source is unreadable; nothing to pack")
     ordinal = np.asarray([r[1] for r in rows], dtype=np.int64)
     formats = sorted({r[6] for r in rows})
@@ -206,6 +206,9 @@ def write_pack(src: str, dst: str, side: int | None = None, quality: int = 90, w
         raise UserError(f"the pack {dst} must lie outside {src}")
     options = {"shorter_side": side, "quality": quality if side else None, "shard_bytes": shard_bytes,
                "source": src, "version": VERSION}
+    images = getattr(data_options, "source", "") == "images"
+    if images:
+        options["images"] = True          # (absent otherwise: packs made before keep their manifest)
     if os.path.isfile(os.path.join(dst, MANIFEST)):
         made = read_manifest(dst).get("made_with", {})
         if made != options:
@@ -222,11 +225,15 @@ def write_pack(src: str, dst: str, side: int | None = None, quality: int = 90, w
                             f"to start with {options}")
     else:
         files.write_text(started, json.dumps(options))
-    layout = resolve(src, data_options)
-    listings = {"train": layout.listing("train", log), "test": layout.listing(layout.test, log)}
-    folders = {"train": "train", "test": layout.test}
+    if images:                            # no labels: every image is train, no test
+        from .images import list_images
+        listings, folders, classes = {"train": list_images(src, log), "test": ([], [])}, {"train": ".", "test": "."}, []
+    else:
+        layout = resolve(src, data_options)
+        listings = {"train": layout.listing("train", log), "test": layout.listing(layout.test, log)}
+        folders, classes = {"train": "train", "test": layout.test}, layout.classes
     counts = {"kept": 0, "packed": 0, "skipped": 0}
-    manifest = {"format": FORMAT, "version": VERSION, "classes": layout.classes, "made_with": options, "splits": {}}
+    manifest = {"format": FORMAT, "version": VERSION, "classes": classes, "made_with": options, "splits": {}}
     with Pool(workers or os.cpu_count(), initializer=_encoder_start) as pool:
         for split in SPLITS:
             paths, labels = listings[split]

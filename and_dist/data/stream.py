@@ -104,6 +104,14 @@ class StreamData:
             x = self.augment(images.to(dev, non_blocking=True), plan.colour)
             yield Batch(x, to_device(plan.index, dev), plan.sizes, self.train.labels[plan.mine])
 
+    def views(self, index: torch.Tensor, generator: torch.Generator, offset: int, count: int) -> torch.Tensor:
+        boxes, colour = self.augment.draw(self.hw[index], generator)
+        most = -(-self.batch_size // self.env.world)        # a training step's rows: DALI's largest batch
+        plans = [StepPlan(0, index, [count], index[a:b], boxes[a:b], {k: v[a:b] for k, v in colour.items()})
+                 for a, b in ((a, min(a + most, offset + count)) for a in range(offset, offset + count, most))]
+        return torch.cat([self.augment(images.to(self.env.device), plan.colour)
+                          for plan, images in self._decode_train(iter(plans))])
+
     def eval_images(self, split: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
         chunks = [list(range(a, min(a + self.eval_batch, hi))) for a in range(lo, hi, self.eval_batch)]
         for images in self._decode_eval(self.index[split], chunks):

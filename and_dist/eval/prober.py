@@ -15,6 +15,7 @@ from ..run import checkpoint
 from ..platform import dist, files
 from ..config import Config
 from ..data import build_data
+from ..data.images import NO_LABELS, labelled
 from ..platform.errors import UserError
 from ..platform.log import RunLog, fmt
 from ..run.loop import EpochDone, Loop, StopPoint, step_lr
@@ -83,6 +84,8 @@ class Prober(Loop):
         model.eval()
         self.taps = Taps(model, self.protocol.layers, cfg.data.image_size)
         self.data = build_data(probe_data_config(cfg), env, None, log.info, log.tty)
+        if not labelled(self.data):
+            raise UserError(NO_LABELS.format(source=cfg.data.source, what="a linear probe"))
         torch.manual_seed(cfg.train.seed)
         self.heads = ProbeHeads(list(self.taps.dims.values()), len(self.data.train.classes),
                                 self.protocol.batch_norm).to(env.device)

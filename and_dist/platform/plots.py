@@ -38,6 +38,8 @@ MAX_NEIGHBOURS = 10        # columns shown when k is large
 SAME = (0, 170, 0)         # neighbour has the anchor's true label
 OTHER = (220, 0, 0)        # it has not
 ANCHOR = (60, 60, 60)
+MUTUAL = (0, 90, 210)      # without labels: the anchor and its first neighbour are each other's nearest
+PLAIN = (175, 175, 175)    # without labels: any other neighbour
 
 
 def _figure(width_in: float, height_in: float) -> Figure:
@@ -95,14 +97,16 @@ def _pick_anchors(entropy: torch.Tensor, anchor: torch.Tensor, rows: int) -> tor
 
 
 def anchor_grid(path: Path, entropy: torch.Tensor, neighbours: torch.Tensor, anchor: torch.Tensor,
-                labels: torch.Tensor, pictures: Callable[[torch.Tensor], torch.Tensor], round_: int,
+                labels: torch.Tensor | None, pictures: Callable[[torch.Tensor], torch.Tensor], round_: int,
                 rows: int = 8) -> Path | None:
     """Anchors (one per row, spread over the entropy ranking) each followed by its discovered
     neighbours, framed green when a neighbour shares the anchor's true label and red when not.
-    The labels only colour the picture. None when there are no anchors."""
+    The labels only colour the picture; without them (None) the first neighbour is framed blue
+    when it is mutual. None when there are no anchors."""
     if anchor is None or not anchor.any():
         return None
-    entropy, neighbours, anchor, labels = (t.cpu() for t in (entropy, neighbours, anchor, labels))
+    labelled = labels is not None
+    entropy, neighbours, anchor = (t.cpu() for t in (entropy, neighbours, anchor))
     chosen = _pick_anchors(entropy, anchor, rows)
     k = min(neighbours.shape[1], MAX_NEIGHBOURS)
     nbrs = neighbours[chosen, :k]
@@ -110,11 +114,16 @@ def anchor_grid(path: Path, entropy: torch.Tensor, neighbours: torch.Tensor, anc
     n_rows, cols = len(chosen), k + 1
     width, height, x0 = grid_size(n_rows, cols)
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    same = labels[nbrs] == labels[chosen][:, None]
+    if labelled:
+        labels = labels.cpu()
+        frames = torch.where(labels[nbrs] == labels[chosen][:, None], 1, 2)
+    else:          # no labels: what can be seen without them, whether the first neighbour is mutual
+        frames = torch.full(nbrs.shape, 3)
+        frames[:, 0] = torch.where(neighbours[nbrs[:, 0], 0] == chosen, 4, 3)
     for r in range(n_rows):
         for c in range(cols):
             top, left = tile_box(r, c, n_rows, cols)
-            colour = ANCHOR if c == 0 else (SAME if same[r, c - 1] else OTHER)
+            colour = ANCHOR if c == 0 else (None, SAME, OTHER, PLAIN, MUTUAL)[frames[r, c - 1]]
             canvas[top: top + FRAME, left: left + FRAME] = colour
             canvas[top + BORDER: top + BORDER + TILE, left + BORDER: left + BORDER + TILE] = \
                 _thumbnail(images[r * cols + c])
@@ -130,9 +139,11 @@ def anchor_grid(path: Path, entropy: torch.Tensor, neighbours: torch.Tensor, anc
          ha="center", va="top", fontsize=12, weight="bold")
     shown = f"first {k} of {neighbours.shape[1]} neighbours" if k < neighbours.shape[1] else \
         f"{k} neighbour{'s' * (k > 1)}"
+    border = ("Border: green = same true label as the anchor, red = different (labels used for this picture "
+              "only)." if labelled else "No labels. Border of nbr 1: blue = the anchor is its nearest neighbour "
+              "too (mutual), grey = not.")
     note = (f"{m} anchors of {n} samples (entropy <= {cut:.3f}); {n_rows} shown, lowest entropy on top; "
-            f"{shown} per anchor. Border: green = same true label as the anchor, "
-            f"red = different (labels used for this picture only).")
+            f"{shown} per anchor. {border}")
     text(width / 2, 28, "\n".join(textwrap.wrap(note, int((width - 30) / 6.2))),
          ha="center", va="top", fontsize=8, color="0.25")
     for c in range(cols):
@@ -294,6 +305,41 @@ def compare_chart(path: Path, series: dict[str, list[dict]]) -> Path | None:
         a.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def label_free_chart(path: Path, metrics: dict, round_: int) -> Path | None:
+    """The label-free measures by entropy decile (lowest entropy left), one group of bars per
+    decile, with each measure's anchors and rest in the legend: the picture beside the
+    consistency chart, and the only one of the two without labels."""
+    from ..method.label_free import MEASURES
+    names = [m for m in MEASURES if metrics.get(m) is not None]
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    x = np.arange(1, 11)
+    width = 0.8 / max(1, len(names))
+    colours = {"mutual_rate": "tab:blue", "view_agreement": "tab:orange", "round_stability": "tab:green"}
+    for j, name in enumerate(names):
+        y = np.array([np.nan if metrics.get(f"decile{d}_{name}") is None else 100 * metrics[f"decile{d}_{name}"]
+                      for d in x])
+        extra = f", sample {metrics.get('view_sample')}" if name == "view_agreement" else ""
+        label = (f"{name}: all {100 * metrics[name]:.1f}%, anchors {_pct(metrics.get(f'anchor_{name}'))}, "
+                 f"rest {_pct(metrics.get(f'rest_{name}'))}{extra}")
+        ax.bar(x - 0.4 + width * (j + 0.5), y, width, color=colours[name], label=label)
+    if not names:
+        ax.text(0.5, 0.5, "nothing measured", transform=ax.transAxes, ha="center", color="0.4")
+    ax.set_xticks(x)
+    ax.set_ylim(0, 130)                    # room for the legend above full bars
+    ax.set_title(f"Round {round_}: neighbourhood quality without labels, by entropy decile")
+    ax.set_xlabel("entropy decile (1 = lowest entropy)")
+    ax.set_ylabel("samples (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def consistency_chart(path: Path, diag, round_: int) -> Path | None:

@@ -14,11 +14,13 @@ import torch
 
 from ..config import Config, to_dict
 from ..data.base import TrainData
+from ..data.images import labelled
 from ..eval.knn import knn_eval
 from ..method.kernels.attention import select_shard_fn
 from ..method.bank import ShardedBank
 from ..method.curriculum import Curriculum
 from ..method.discovery import discover
+from ..method.label_free import measure, view_neighbours, view_sample
 from ..method.loss import and_loss
 from ..platform.dist import Env
 from ..platform.log import RunLog, fmt
@@ -94,14 +96,25 @@ class Trainer(Loop):
                         backend=c.discovery.backend, precision=c.discovery.precision, progress=bar.update,
                         kernel=c.discovery.kernel)
         bar.close()
+        seconds = time.time() - t0
+        previous = self.curriculum.nbhd.neighbours if self.curriculum.nbhd is not None else None
         count = self.curriculum.set_round(r, nbhd)
-        cons = self.curriculum.consistency(self.data.train.labels)
+        cons = self.consistency()
         self.log.info(f"round {r}: {count} anchors, neighbourhood consistency {fmt(cons, '.4f')} "
-                      f"({time.time() - t0:.1f}s)")
+                      f"({seconds:.1f}s)")
         self.log.event(event="discovery", round=r, anchors=count, consistency=cons,
-                       seconds=time.time() - t0, step=self.progress.global_step, kernel=nbhd.kernel,
+                       seconds=seconds, step=self.progress.global_step, kernel=nbhd.kernel,
                        precision=nbhd.precision, loss_kernel=self.shard_fn.__name__)   # what ran this round
-        self.report.discovery(r, self.curriculum, self.data, self.progress.global_step)
+        free = measure(nbhd.neighbours, previous, self.views if c.discovery.view_sample else None)
+        ages = self.bank.ages()
+        self.report.discovery(r, self.curriculum, self.data, self.progress.global_step, free, seconds,
+                              (ages, self.data.steps(r, 0)))
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the view-agreement sample, the nearest bank row to a fresh view of each)."""
+        sample = view_sample(self.bank.n, self.cfg.discovery.view_sample, self.cfg.train.seed)
+        return sample, view_neighbours(self.model, self.data, self.bank, sample, self.cfg.train.seed,
+                                       self.progress.round, self.dtype)
 
     def train_epoch(self) -> EpochDone | None:
         cfg, progress = self.cfg, self.progress
@@ -148,14 +161,21 @@ class Trainer(Loop):
         self.bank.update(batch.index, all_feats)
         return losses.mean().double()
 
-    def knn(self, train_feats=None) -> tuple[float, float]:
+    def consistency(self) -> float | None:
+        """The anchors' neighbourhood consistency; None without labels."""
+        return self.curriculum.consistency(self.data.train.labels) if labelled(self.data) else None
+
+    def knn(self, train_feats=None) -> tuple[float | None, float | None]:
+        """kNN top-1/top-5 (%); (None, None) without labels (train.build said so once)."""
+        if not labelled(self.data):
+            return None, None
         e = self.cfg.eval
         return knn_eval(self.model, self.data, self.env, e.knn_k, e.knn_sigma, train_feats, self.dtype, self.log.bar)
 
     def end_of_epoch(self, epoch: int, done: EpochDone) -> None:
         cfg, p = self.cfg, self.progress
         finished, every = epoch + 1, cfg.eval.every_epochs
-        if every and (finished % every == 0 or finished == cfg.train.epochs_per_round):
+        if every and labelled(self.data) and (finished % every == 0 or finished == cfg.train.epochs_per_round):
             top1, top5 = self.knn(self.bank.rows)
             p.last_knn = [top1, top5]
             if top1 > p.best.get("knn_top1", -1.0):
@@ -171,7 +191,7 @@ class Trainer(Loop):
         p = self.progress
         top1, top5 = self.knn()
         row = {"round": p.round, "anchors": self.curriculum.anchors(),
-               "consistency": self.curriculum.consistency(self.data.train.labels),
+               "consistency": self.consistency(),
                "knn_top1": top1, "knn_top5": top5}
         p.rounds.append(row)
         self.log.event(event="round", step=p.global_step, **row)

@@ -6,7 +6,7 @@ import os
 
 from ...platform.errors import UserError
 
-SOURCES = ("demo", "imagefolder", "pack", "cifar10", "cifar100", "svhn")
+SOURCES = ("demo", "imagefolder", "images", "pack", "cifar10", "cifar100", "svhn")
 LOADERS = ("cached", "dali", "torch")   # cached: decoded in memory; dali, torch: streamed from files
 MAX_CACHED_SIZE = 96  # beyond this a decoded uint8 copy of a large data set no longer fits in memory
 PACK_MANIFEST = "pack.json"             # what makes a folder a finished pack
@@ -27,6 +27,11 @@ def check_root(source: str, root: str, download: bool) -> None:
         return
     if source == "pack" or is_pack(root):
         return check_pack_root(source, root)
+    if source == "images":           # any folder: what it holds is listed when data is built
+        if not root or not os.path.isdir(root):
+            what = "is empty" if not root else ("is a file" if os.path.isfile(root) else "is not an existing folder")
+            raise UserError(f"data.root {root!r} {what}; data.source=images needs a folder of images")
+        return
     needed, what = OFFICIAL_FILES.get(source, (["train/"], "an ImageFolder tree"))
     can_download = source in OFFICIAL_FILES
     hint = " (or data.download=true)" if can_download else ""
