@@ -62,16 +62,22 @@ def layout() -> str:
     out = ["```"]
 
     def row(indent: int, name: str, text: str) -> None:
-        out.append(f"{' ' * indent}{name:<{24 - indent}}{text}".rstrip())
+        out.append(f"{' ' * indent}{name:<{max(24 - indent, len(name) + 1)}}{text}".rstrip())
 
     pkg = REPO / "and_dist"
     row(0, "and_dist/", summary(pkg / "__init__.py"))
     for p in modules(pkg, ENTRY_POINTS):
         row(2, p.name, summary(p))
+    def package(folder: Path, indent: int) -> None:
+        """A package's line, its modules', then its own packages' (method/kernels, data/sources)."""
+        row(indent, f"{folder.name}/", summary(folder / "__init__.py"))
+        for p in modules(folder):
+            row(indent + 2, p.name, summary(p))
+        for sub in sorted(d for d in folder.iterdir() if (d / "__init__.py").exists()):
+            package(sub, indent + 2)
+
     for sub in sorted(d for d in pkg.iterdir() if (d / "__init__.py").exists()):
-        row(2, f"{sub.name}/", summary(sub / "__init__.py"))
-        for p in modules(sub):
-            row(4, p.name, summary(p))
+        package(sub, 2)
     for folder in ("launch", "tools", "benchmarks"):
         row(0, f"{folder}/", "")
         for p in modules(REPO / folder):
