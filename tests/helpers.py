@@ -98,3 +98,22 @@ def main_here(capsys, main, *args: str):
         torch.set_num_threads(threads)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), status, out, err)
+
+
+def train_here(config: str, overrides: list[str]):
+    """(run directory, trainer, summary) of a run trained in this process, built as `train`
+    builds it: for checks of what a run did without an interpreter start."""
+    from and_dist.config import load_config
+    from and_dist.platform import dist
+    from and_dist.run import rundir
+    from and_dist.run.stop import Stop
+    from and_dist.train import build
+    cfg = load_config(config, overrides)
+    run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
+    with Stop() as stop:
+        trainer = build(cfg, dist.init("cpu"), run, None, stop)
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.log.close()
+    return run, trainer, summary

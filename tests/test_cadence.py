@@ -3,11 +3,7 @@ checkpoint.every_epochs and log.every_steps count finished epochs and steps of e
 round's last epoch is always evaluated. One small in-process run."""
 import json
 
-from and_dist.config import load_config
-from and_dist.platform import dist
-from and_dist.run import rundir
-from and_dist.run.stop import Stop
-from and_dist.train import build
+from helpers import train_here
 
 RUN = ["data.demo_train=30", "data.demo_test=20", "train.batch_size=15", "train.epochs_per_round=3",
        "curriculum.rounds=2", "eval.every_epochs=2", "eval.knn_k=5", "checkpoint.every_epochs=2",
@@ -15,14 +11,8 @@ RUN = ["data.demo_train=30", "data.demo_test=20", "train.batch_size=15", "train.
 
 
 def test_evaluation_checkpoints_and_step_lines_follow_their_settings(tmp_path):
-    cfg = load_config("demo", RUN + [f"run_dir={tmp_path / 'run'}"])
-    run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
-    with Stop() as stop:
-        trainer = build(cfg, dist.init("cpu"), run, None, stop)
-        try:
-            assert trainer.run() is not None
-        finally:
-            trainer.log.close()
+    run, _, summary = train_here("demo", RUN + [f"run_dir={tmp_path / 'run'}"])
+    assert summary is not None
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     of = lambda kind, *keys: [tuple(e[k] for k in keys) for e in events if e["event"] == kind]
     # 2 steps an epoch: epochs 0, 1, 2 of each round end at steps 2, 4, 6 and 8, 10, 12

@@ -5,16 +5,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import events, wandb_history
+from helpers import events, train_here, wandb_history
 from PIL import Image
 
-from and_dist.config import load_config
 from and_dist.data.sampler import seed_of
 from and_dist.method.label_free import VIEW_CHUNK, kept, mutual, view_neighbours, view_sample
-from and_dist.platform import dist, plots
-from and_dist.run import rundir
-from and_dist.run.stop import Stop
-from and_dist.train import build
+from and_dist.platform import plots
 
 DEMO = ["data.demo_train=300", "data.demo_test=60", "train.batch_size=50", "train.epochs_per_round=2",
         "curriculum.rounds=3", "curriculum.anchor_rate=0.2", "eval.knn_k=10", "eval.every_epochs=0",
@@ -39,14 +35,9 @@ def test_view_sample_is_fixed_and_sized():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = load_config("demo", DEMO + [f"run_dir={out / 'run'}", "log.wandb_mode=offline", f"out_dir={out}"])
-    run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
-    with Stop() as stop:
-        trainer = build(cfg, dist.init("cpu"), run, None, stop)
-        try:
-            assert trainer.run() is not None
-        finally:
-            trainer.log.close()
+    run, trainer, summary = train_here("demo", DEMO + [f"run_dir={out / 'run'}", "log.wandb_mode=offline",
+                                                      f"out_dir={out}"])
+    assert summary is not None
     return run, trainer
 
 

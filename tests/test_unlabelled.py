@@ -8,16 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ENV, REPO, events, free_port, jpeg
+from helpers import ENV, REPO, events, free_port, jpeg, train_here
 
 from and_dist.config import ConfigError, load_config
 from and_dist.data import build_data
 from and_dist.data.images import list_images
 from and_dist.platform import dist
 from and_dist.platform.errors import UserError
-from and_dist.run import rundir
-from and_dist.run.stop import Stop
-from and_dist.train import build
 
 RUN = ["data.source=images", "train.batch_size=12", "train.epochs_per_round=2", "curriculum.rounds=3",
        "curriculum.anchor_rate=0.3", "train.threads=1", "log.progress=false", "checkpoint.every_epochs=0",
@@ -51,15 +48,7 @@ def folder(tmp_path_factory):
 
 
 def train_in_process(run_dir, root, *extra):
-    cfg = load_config("demo", RUN + [f"data.root={root}", f"run_dir={run_dir}", *extra])
-    run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
-    with Stop() as stop:
-        trainer = build(cfg, dist.init("cpu"), run, None, stop)
-        try:
-            summary = trainer.run()
-        finally:
-            trainer.log.close()
-    return run, trainer, summary
+    return train_here("demo", RUN + [f"data.root={root}", f"run_dir={run_dir}", *extra])
 
 
 def test_every_image_under_the_root_in_sorted_order(folder):
