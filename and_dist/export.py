@@ -21,6 +21,7 @@ import torch
 
 from .platform import files
 from .platform.errors import EXIT_USER_ERROR, UserError
+from .platform.log import progress_bar
 from .run.stop import exits_on_stop
 
 TORCHVISION = {  # our arch -> (torchvision builder, its classifier keys, how to load)
@@ -110,7 +111,9 @@ def export_embeddings(source: str, out: Path, features: str = "bank") -> dict:
         if rows is None:
             raise UserError(f"{ckpt} holds no memory bank; use --features recompute")
     else:
-        rows = torch.nn.functional.normalize(extract(model, data.eval_images("train", 0, n)), dim=1)
+        bar = progress_bar(n, "train features", sys.stderr.isatty(), print, unit="img")   # all of ImageNet: minutes
+        rows = torch.nn.functional.normalize(extract(model, data.eval_images("train", 0, n), progress=bar.update), dim=1)
+        bar.close()
     arrays = {"embeddings": rows.float().numpy()}
     if data.train.path is not None:
         arrays["files"] = np.array([data.train.path(i) for i in range(n)])
