@@ -15,6 +15,7 @@ same step from its own copy of the state:
 and the trainer's loss, weights, bank and anchors must equal it.
 """
 import copy
+import json
 
 import pytest
 import torch
@@ -118,31 +119,31 @@ def golden_run(tmp_path_factory):
         trainer.log.close()
         stop.__exit__(None, None, None)
     assert summary is not None
-    return seen, ref
+    return seen, ref, trainer.run_dir
 
 
 def test_the_loop_ran_two_rounds_of_two_epochs_of_two_steps(golden_run):
-    seen, ref = golden_run
+    seen, ref, _ = golden_run
     assert [s["round"] for s in seen] == [0] * 4 + [1] * 4
     assert ref.anchor.sum() == 9                           # round(30 x 0.3 x 1)
 
 
 def test_each_step_loss_is_the_papers_formula(golden_run):
-    seen, _ = golden_run
+    seen, _, _ = golden_run
     for s in seen:
         assert s["feats"].norm(dim=1) == pytest.approx(torch.ones(len(s["feats"]), dtype=torch.float64), abs=1e-12)
         assert s["loss"] == pytest.approx(s["ref_loss"].mean().item(), rel=1e-10, abs=1e-12)
 
 
 def test_the_weights_follow_nesterov_sgd_with_weight_decay(golden_run):
-    seen, _ = golden_run
+    seen, _, _ = golden_run
     for s in seen:
         for name, w in s["weights"].items():
             assert torch.allclose(w.double(), s["ref_weights"][name].double(), rtol=1e-9, atol=1e-11), name
 
 
 def test_the_bank_follows_the_momentum_rule_with_this_steps_features(golden_run):
-    seen, _ = golden_run
+    seen, _, _ = golden_run
     for s in seen:
         assert torch.allclose(s["bank"], s["ref_bank"], rtol=0, atol=1e-11)
         untouched = torch.ones(len(s["bank"]), dtype=torch.bool)
@@ -151,10 +152,17 @@ def test_the_bank_follows_the_momentum_rule_with_this_steps_features(golden_run)
 
 
 def test_discovery_makes_the_lowest_entropy_rows_anchors_with_their_nearest_row(golden_run):
-    seen, ref = golden_run
+    seen, ref, _ = golden_run
     round1 = [s for s in seen if s["round"] == 1]
     assert torch.equal(round1[0]["anchor"], ref.anchor)
     assert torch.equal(round1[0]["neighbours"][:, 0], ref.neighbour)
     # anchors change the loss: in round 1 the anchors' positive mass includes their neighbour
     anchors = ref.anchor[round1[0]["index"]]
     assert 0 < anchors.sum() < len(anchors)
+
+
+def test_each_epoch_line_is_the_mean_of_its_steps_losses(golden_run):
+    seen, _, run = golden_run
+    epochs = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
+    steps = [s["loss"] for s in seen]
+    assert [e["loss"] for e in epochs] == pytest.approx([sum(steps[i:i + 2]) / 2 for i in range(0, 8, 2)], rel=1e-12)
