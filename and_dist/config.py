@@ -238,7 +238,7 @@ class Config:
 def validate(cfg: Config, check_data: bool = True) -> None:
     """Check types, choices, ranges, combinations, the data root (unless `check_data` is off:
     a launcher's dry run on a host without the data) and the resume path; raise ConfigError."""
-    from .data.layout import check_layout_keys        # reads label files: numpy and PIL, not at import
+    from .data.sources.layout import check_layout_keys        # reads label files: numpy and PIL, not at import
     check_fields(cfg)
     d, c = cfg.data, cfg.discovery
     try:                          # the owners' checks raise UserError: here each is a config error
@@ -312,7 +312,7 @@ def load_config(config: str, overrides: list[str], base: Config | None = None, c
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     if cfg.init_from:    # as data.root: relative to the launch directory, stored absolute
         cfg.init_from = os.path.abspath(os.path.expanduser(cfg.init_from))
-    from .data.layout import find_file
+    from .data.sources.layout import find_file
     for key in ("classes", "val_labels", "val_ids"):   # absolute too (a shipped list: its path in configs/)
         setattr(cfg.data, key, find_file(getattr(cfg.data, key)))
     validate(cfg, check_data)

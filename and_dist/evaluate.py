@@ -72,7 +72,7 @@ def load(args) -> tuple:
 def check_inputs(kind: str, cfg: Config, model, bank, ckpt: Path | None) -> None:
     """What the evaluation would otherwise find wrong only after its folder was made: layers the
     model lacks, a memory bank that is not there."""
-    from .data.images import NO_LABELS
+    from .data.sources.images import NO_LABELS
     from .eval.prober import check_layers
     if cfg.data.source == "images":
         raise UserError(NO_LABELS.format(source="images", what="evaluation"))
@@ -117,7 +117,7 @@ def knn(cfg: Config, env, model, log: RunLog, bank, ckpt: Path | None, dtype) ->
     from .data import build_data
     from .eval.knn import knn_eval
     from .eval.weights import run_bank_rows
-    from .data.images import NO_LABELS, labelled
+    from .data.sources.images import NO_LABELS, labelled
     data = build_data(cfg, env, None, log.info, log.tty)
     test_signal("knn")                                            # test hook (AND_TEST_SIGNAL_AT)
     if not labelled(data):                   # a pack of a folder without labels

@@ -15,11 +15,11 @@ written (exit 128 + N); a file is done when its copy exists with the source's mt
 copy), so a rerun skips it and redoes a source changed since.
 Unreadable images are left out with training's report line (`skipping unreadable image ...`).
 
-`--pack` writes the split into a few large tar shards with an index instead (data/pack.py), for
+`--pack` writes the split into a few large tar shards with an index instead (data/sources/pack.py), for
 cluster file systems where opening 1.28M files is the cost: the same images (resized too with
 --shorter-side), read by `data.source=pack data.root=DST`. When SRC holds WebDataset shards
 (`key.jpg` + `key.cls` samples; train and val/test shards by name) they become a pack as they are:
-indexed, hard-linked (copied across file systems), not re-encoded (data/pack_wds.py).
+indexed, hard-linked (copied across file systems), not re-encoded (data/sources/pack_wds.py).
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import sys
 from contextlib import contextmanager, suppress
 from multiprocessing import Pool
 
-from .data.folder import TreeWalk, _is_image
-from .data.layout import check_layout_keys
-from .data.reencode import for_copy
+from .data.sources.folder import TreeWalk, _is_image
+from .data.sources.layout import check_layout_keys
+from .data.sources.reencode import for_copy
 from .platform.errors import EXIT_USER_ERROR, UserError
 from .platform.log import progress_bar
 from .run.stop import exits_on_stop, finish_pool, quiet_worker
@@ -95,7 +95,7 @@ def resize_image(job: tuple[str, str, int, int]) -> tuple[str, str, str | None]:
 
 def plan(src: str, dst: str, log=print) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(images, other files) as (source, destination) pairs, sorted; hidden entries, and links
-    that lead back into the tree (data/folder.py), left out."""
+    that lead back into the tree (data/sources/folder.py), left out."""
     images, others = [], []
     for top, paths in TreeWalk(src, log)(src):
         out_dir = os.path.join(dst, os.path.relpath(top, src))
@@ -149,7 +149,7 @@ def _size(text: str) -> int:
 
 def _webdataset(args) -> dict | None:
     """The WebDataset shards SRC holds (None: SRC is a tree); refuses the tree-only options."""
-    from .data.pack_wds import find_shards
+    from .data.sources.pack_wds import find_shards
     shards = find_shards(args.src) if os.path.isdir(args.src) else None
     given = [f for f, v in (("--shorter-side", args.shorter_side), ("--classes", args.classes),
                             ("--val-labels", args.val_labels), ("--val-ids", args.val_ids)) if v]
@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         if args.pack and (shards := _webdataset(args)) is not None:
-            from .data.pack_wds import index_shards
+            from .data.sources.pack_wds import index_shards
             counts = index_shards(args.src, args.dst, shards, args.workers, progress=sys.stderr.isatty())
         elif args.pack:
-            from .data.pack_write import write_pack
+            from .data.sources.pack_write import write_pack
             options = argparse.Namespace(classes=args.classes, val_labels=args.val_labels, val_ids=args.val_ids,
                                          source="images" if args.images else "imagefolder")
             check_layout_keys(options)

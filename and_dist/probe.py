@@ -52,7 +52,7 @@ def configure(cfg: Config, config: str, overrides: list[str]) -> Config:
 
 def _load(checkpoint_arg: str, config: str, overrides: list[str]):
     from .eval.pretrained import load_model
-    from .data.images import NO_LABELS
+    from .data.sources.images import NO_LABELS
     model, cfg, ckpt = load_model(_checkpoint_dir(checkpoint_arg))
     cfg = configure(cfg, config, overrides)
     if cfg.data.source == "images":

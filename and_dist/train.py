@@ -19,7 +19,7 @@ from .run import checkpoint, rundir
 from .platform import dist, precision
 from .config import Config, config_or_exit, save_config
 from .data import build_data
-from .data.images import labelled
+from .data.sources.images import labelled
 from .run.entry import Session, main_decides
 from .platform.errors import UserError
 from .platform.log import RunLog

@@ -1,4 +1,4 @@
-"""The file index (and_dist/data/index.py) at ImageNet's scale: the first start and a cached
+"""The file index (and_dist/data/sources/index.py) at ImageNet's scale: the first start and a cached
 restart of a streamed run's data set-up over a generated tree of --files small JPEGs in
 --classes class folders (train/) and --files/25 in val/ (ILSVRC-2012: 1,281,167 and 50,000).
 

@@ -654,7 +654,7 @@ def unpacked(archive: Path, into: Path) -> Path:
 
 def tiny_carry(work: Path) -> Path:
     """--quick without --cifar: a generated tree packed and archived as the real carry is."""
-    from and_dist.data.pack_write import write_pack
+    from and_dist.data.sources.pack_write import write_pack
     archive = work / "tiny-pack.tar.gz"
     if not archive.exists():
         tree = jpeg_tree(work / "tiny", 10, 4, 2, [(32, 32)])
@@ -667,7 +667,7 @@ def tiny_carry(work: Path) -> Path:
 def fidelity_data(s: Session) -> tuple[list[str], str, int, int] | str:
     """Part e's data overrides, its name and (train, test) sizes, or the line saying there is none."""
     work = Path(s.args.work)
-    from and_dist.data.pack import open_pack
+    from and_dist.data.sources.pack import open_pack
     from and_dist.platform.errors import UserError
     carry = tiny_carry(work) if s.args.cifar is None and s.args.quick else \
         Path(s.args.cifar).resolve() if s.args.cifar else CARRY if CARRY.exists() else REPO / "data" / "cifar10-pack"

@@ -1,4 +1,4 @@
-"""Packs (and_dist/data/pack.py) against the tree they were made from, in one run:
+"""Packs (and_dist/data/sources/pack.py) against the tree they were made from, in one run:
 
   1. images/s of each loader over one epoch (cached: decoding the split into memory; torch and
      dali: the training batches), tree and pack, printed as pack / tree ratios;
@@ -108,8 +108,8 @@ def first_start(args, work: Path) -> list[str]:
     """A generated pack of --index-n tiny members: open_pack's first start (hash + index) and a
     restart (index only), against the file index's 226.3 s; the hash rate projects real sizes."""
     import numpy as np
-    from and_dist.data.pack import open_pack, sha256_of
-    from and_dist.data.pack_write import ShardWriter, _index
+    from and_dist.data.sources.pack import open_pack, sha256_of
+    from and_dist.data.sources.pack_write import ShardWriter, _index
     from and_dist.platform import files
     root = work / "index-pack"
     n, per_shard, payload = args.index_n, -(-args.index_n // 8), b"\xff\xd8" + bytes(98)
@@ -171,7 +171,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         return one(args)
-    from and_dist.data.pack_write import write_pack
+    from and_dist.data.sources.pack_write import write_pack
     from input_pipeline import make_folder
     work = Path(args.work)
     tree = Path(args.root).resolve() if args.root else make_folder(work / "tree", args.images)

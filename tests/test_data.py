@@ -13,7 +13,7 @@ from and_dist.data import cached as data_mod
 from and_dist.data.augment import CIFAR_MEAN, CIFAR_STD, TrainAugment, hsv_to_rgb, rgb_to_hsv
 from and_dist.data.augment import TestTransform as EvalTransform   # alias: keep pytest from collecting it
 from and_dist.data import load_datasets
-from and_dist.data.demo import CLASSES, make_demo
+from and_dist.data.sources.demo import CLASSES, make_demo
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -106,7 +106,7 @@ def test_imagefolder_cache_hit_identical(folder, tmp_path, monkeypatch):
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
-    from and_dist.data.folder import to_rgb
+    from and_dist.data.sources.folder import to_rgb
     grey = (np.arange(256, dtype=np.uint16).reshape(16, 16)) * 257       # 16-bit, 0..65535
     Image.fromarray(grey).save(tmp_path / "g16.png")
     with Image.open(tmp_path / "g16.png") as img:
@@ -141,7 +141,7 @@ def test_links_back_into_the_tree_are_read_once_and_links_out_of_it_are_followed
     """A class folder's link to train/ (the tree of 31 images that trained on 50), a file link to
     another class's image and a second link to one outside folder: each left out with a line
     naming it. A folder and a file linked from outside the tree are read, once."""
-    from and_dist.data.folder import list_split
+    from and_dist.data.sources.folder import list_split
     from and_dist.prepare import plan
     rng = np.random.RandomState(2)
     root, outside = tmp_path / "tree", tmp_path / "elsewhere"

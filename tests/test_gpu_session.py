@@ -109,7 +109,7 @@ def test_the_repository_and_the_gpu_carry_stay_under_60_mib(tmp_path):
     assert total < LIMIT, f"{total / 2**20:.1f} MiB would travel"
     sys.path.insert(0, str(REPO / "benchmarks"))
     from gpu_session import unpacked
-    from and_dist.data.pack import open_pack
+    from and_dist.data.sources.pack import open_pack
     train, test = open_pack(str(unpacked(archive, tmp_path / "carry")), None, 2, log=lambda *_: None)
     assert (len(train), len(test)) == (50_000, 10_000)
 

@@ -13,8 +13,8 @@ import torch
 
 from helpers import ENV, REPO, events, final_bank, free_port, jpeg
 
-from and_dist.data.index import load_index
-from and_dist.data.layout import resolve
+from and_dist.data.sources.index import load_index
+from and_dist.data.sources.layout import resolve
 from and_dist.platform.errors import UserError
 
 WNIDS = [f"n0{1000000 + 7919 * k:07d}" for k in range(12)]        # 12 sorted synthetic wnids
@@ -186,7 +186,7 @@ def test_a_flat_val_trains_and_evaluates_under_two_ranks(flat, tmp_path, loader)
 
 def test_a_long_check_logs_its_progress_with_an_eta_when_no_bar_is_shown(flat, tmp_path):
     """Not on a terminal (a SLURM log), the first start's check says how far it is and how long is left."""
-    import and_dist.data.index as index_module
+    import and_dist.data.sources.index as index_module
     root, _ = flat
     lines, chunk = [], index_module.CHUNK
     index_module.CHUNK = 4                         # tiny tasks, so a 36-file tree reports several times

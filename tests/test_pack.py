@@ -21,7 +21,7 @@ from helpers import ENV, REPO, events, final_bank, jpeg
 
 from and_dist.config import ConfigError, load_config
 from and_dist.data import build_data
-from and_dist.data.pack import open_pack
+from and_dist.data.sources.pack import open_pack
 from and_dist.platform import dist
 from and_dist.platform.errors import UserError
 

@@ -21,9 +21,9 @@ from helpers import ENV, REPO, events, final_bank, jpeg
 from and_dist import prepare
 from and_dist.config import load_config
 from and_dist.data import build_data
-from and_dist.data.pack import MANIFEST, open_pack, sha256_of, wds_key
-from and_dist.data.pack_wds import find_shards
-from and_dist.data.pack_write import finish, write_index, write_pack
+from and_dist.data.sources.pack import MANIFEST, open_pack, sha256_of, wds_key
+from and_dist.data.sources.pack_wds import find_shards
+from and_dist.data.sources.pack_write import finish, write_index, write_pack
 from and_dist.platform import dist
 from and_dist.platform.errors import UserError
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import ENV, REPO
 
-from and_dist.data.index import check_image
+from and_dist.data.sources.index import check_image
 
 SIDE = 64
 

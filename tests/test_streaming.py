@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from and_dist.platform import dist  # noqa: E402
 from and_dist.config import load_config  # noqa: E402
 from and_dist.data import build_data  # noqa: E402
-from and_dist.data.index import load_index  # noqa: E402
+from and_dist.data.sources.index import load_index  # noqa: E402
 
 CLASSES = ("n01440764", "n02102040", "n03000134")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 14, 4

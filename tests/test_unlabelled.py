@@ -12,7 +12,7 @@ from helpers import ENV, REPO, events, free_port, jpeg, train_here
 
 from and_dist.config import ConfigError, load_config
 from and_dist.data import build_data
-from and_dist.data.images import list_images
+from and_dist.data.sources.images import list_images
 from and_dist.platform import dist
 from and_dist.platform.errors import UserError
 
@@ -215,7 +215,7 @@ def test_two_ranks_discover_and_measure_as_one(folder, tmp_path):
 
 def test_a_folder_packs_and_trains_from_its_pack(folder, tmp_path):
     from and_dist.prepare import main as prepare
-    from and_dist.data.images import labelled
+    from and_dist.data.sources.images import labelled
     root, paths = folder
     assert prepare([root, str(tmp_path / "pack"), "--pack", "--images", "--workers", "1"]) == 0
     for loader in ("cached", "torch"):

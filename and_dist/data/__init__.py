@@ -26,19 +26,19 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
     section (data.classes, data.val_labels) of an imagefolder tree."""
     from .augment import resize_uint8
     from .cached import ImageSet, load_imagefolder, load_pack_split
-    from .layout import resolve
-    from .official import load_official
+    from .sources.layout import resolve
+    from .sources.official import load_official
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; valid: {', '.join(SOURCES)}")
     if source == "demo":
-        from .demo import make_demo
+        from .sources.demo import make_demo
         return make_demo(demo_train, demo_test, demo_seed, image_size)
     if source == "pack":
-        from .pack import open_pack
+        from .sources.pack import open_pack
         return tuple(load_pack_split(s, image_size, cache_dir, workers, log, progress)
                      for s in open_pack(root, cache_dir, workers, log))
     if source == "images":
-        from .images import empty_set, list_images
+        from .sources.images import empty_set, list_images
         train = load_imagefolder(root, "images", [], image_size, cache_dir, workers, log, progress,
                                  lambda _, lg: list_images(root, lg))
         sets = (train, empty_set(image_size))
@@ -61,7 +61,7 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
     """The streaming data interface (data.loader dali or torch) over an ImageFolder tree (the
     checked file lists of train and test, index.py, cached) or a pack, decoded per step. `verify`: stat
     every file against the cached list (rank 0 does; the others read what it just checked)."""
-    from .layout import resolve
+    from .sources.layout import resolve
     d = cfg.data
     if d.loader == "dali":
         try:
@@ -72,12 +72,12 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
     else:
         from .pil_stream import TorchData as Loader
     if d.source == "pack":
-        from .pack import open_pack
+        from .sources.pack import open_pack
         train, test = open_pack(d.root, cache_dir, d.workers, log, verify)
         return Loader(train, test, cfg, env)
-    from .index import load_index
+    from .sources.index import load_index
     if d.source == "images":
-        from .images import empty_index, list_images, listing_key
+        from .sources.images import empty_index, list_images, listing_key
         paths, labels = list_images(d.root, log)
         train = load_index(d.root, "", [], cache_dir, d.workers, log, progress, verify,
                            lambda _, lg: (paths, labels), listing_key(paths))

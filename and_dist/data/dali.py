@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .folder import to_rgb
-from .index import FileIndex
+from .sources.folder import to_rgb
+from .sources.index import FileIndex
 from .stream import StepPlan, StreamData
 
 DALI_FORMATS = ("JPEG", "PNG")   # fed as they are; anything else is transcoded to PNG first

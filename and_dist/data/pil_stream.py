@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .folder import to_rgb
-from .index import FileIndex
+from .sources.folder import to_rgb
+from .sources.index import FileIndex
 from .stream import StepPlan, StreamData
 
 

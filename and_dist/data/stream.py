@@ -20,7 +20,7 @@ import torch
 
 from .augment import Augment, normalize, to_device, to_float
 from .base import Batch
-from .index import FileIndex
+from .sources.index import FileIndex
 from .sampler import augment_generator, global_batches, rank_slice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

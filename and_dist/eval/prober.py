@@ -15,7 +15,7 @@ from ..run import checkpoint
 from ..platform import dist, files
 from ..config import Config
 from ..data import build_data
-from ..data.images import NO_LABELS, labelled
+from ..data.sources.images import NO_LABELS, labelled
 from ..platform.errors import UserError
 from ..platform.log import RunLog, fmt
 from ..run.loop import EpochDone, Loop, StopPoint, step_lr

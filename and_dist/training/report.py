@@ -32,7 +32,7 @@ class Report:
                              data.train.path, len(data.train), None if ages is None else ages[0])
         from ..platform import plots
         nb = curriculum.nbhd
-        from ..data.images import labelled
+        from ..data.sources.images import labelled
         grid = plots.anchor_grid(self.dir / f"anchors-round{round_}.png", nb.entropy, nb.neighbours, curriculum.anchor,
                                  data.train.labels if labelled(data) else None, data.pictures, round_)
         hist = plots.entropy_histogram(self.dir / f"entropy-round{round_}.png", nb.entropy,

@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, to_dict
 from ..data.base import TrainData
-from ..data.images import labelled
+from ..data.sources.images import labelled
 from ..eval.knn import knn_eval
 from ..method.kernels.attention import select_shard_fn
 from ..method.bank import ShardedBank

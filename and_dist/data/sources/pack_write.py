@@ -22,10 +22,10 @@ from contextlib import suppress
 from multiprocessing import Pool
 
 import numpy as np
-from ..platform import files
-from ..platform.errors import UserError
-from ..platform.log import progress_bar
-from ..run.stop import SIGNALS, finish_pool
+from ...platform import files
+from ...platform.errors import UserError
+from ...platform.log import progress_bar
+from ...run.stop import SIGNALS, finish_pool
 from .layout import resolve
 from .pack import FORMAT, MANIFEST, SPLITS, VERSION, index_name, read_manifest, shard_name, wds_key, wids_name
 from .reencode import encoded, for_copy

@@ -21,9 +21,9 @@ import shutil
 import tarfile
 from multiprocessing import Pool
 
-from ..platform import files
-from ..platform.errors import UserError
-from ..platform.log import progress_bar
+from ...platform import files
+from ...platform.errors import UserError
+from ...platform.log import progress_bar
 from .pack import FORMAT, MANIFEST, VERSION, read_manifest, sha256_of, shard_name, wds_key
 from .pack_write import finish, write_index
 from .reencode import for_copy

@@ -34,10 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..platform.errors import UserError
-from ..platform.log import progress_bar
-from .base import SplitInfo
-from .sources import PACK_MANIFEST
+from ...platform.errors import UserError
+from ...platform.log import progress_bar
+from ..base import SplitInfo
+from . import PACK_MANIFEST
 
 FORMAT, VERSION = "and_dist pack", 2
 READS = (1, 2)                  # 1: before the .cls members and the wids index

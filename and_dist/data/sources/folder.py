@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..platform.errors import UserError
+from ...platform.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TEST_SPLITS = ("test", "val")

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..platform import files
-from ..platform.log import progress_bar
-from .base import SplitInfo
+from ...platform import files
+from ...platform.log import progress_bar
+from ..base import SplitInfo
 from .folder import file_stamp, list_split
 
 VERSION = 3  # bump when the cached fields or what a tree lists change (3: links into the tree)

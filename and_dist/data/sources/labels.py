@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..platform.errors import UserError
+from ...platform.errors import UserError
 
 FORMATS = ("the devkit's ILSVRC2012_validation_ground_truth.txt (with its meta.mat), Kaggle's "
            "LOC_val_solution.csv, or a val.txt of `filename label` lines")

@@ -10,9 +10,9 @@ import urllib.request
 import numpy as np
 import torch
 
-from ..platform.errors import UserError
-from .cached import ImageSet
-from .sources import OFFICIAL_FILES
+from ...platform.errors import UserError
+from ..cached import ImageSet
+from . import OFFICIAL_FILES
 
 URLS = {
     "cifar10": ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"],

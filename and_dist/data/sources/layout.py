@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..platform.errors import UserError
+from ...platform.errors import UserError
 from .folder import _is_image, class_folders, file_stamp, list_split, test_split
 from .labels import FORMATS, read_labels
 
