@@ -31,7 +31,7 @@ CASES = ["resnet18_cifar:32:128", "resnet18_cifar:32:512", "alexnet_bn:224:256"]
 
 
 def synthetic(n: int, size: int, seed: int):
-    from and_dist.data.cached import ImageSet
+    from and_dist.data.base import ImageSet
     g = torch.Generator().manual_seed(seed)
     return ImageSet(torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(c) for c in range(10)])

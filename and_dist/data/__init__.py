@@ -1,6 +1,9 @@
 """Where training images come from: `build_data` returns the trainer's data interface
-(base.TrainData) for a config. The loaders (and torch) are imported when data is built, so the
-config and the launcher can read `sources` without them."""
+(base.TrainData) for a config. Split by role: the trainer's side here (the sample order, augmentation,
+prefetching, the in-memory and streaming loaders, the shared types in base.py), and what is on disk
+in `sources/` (which file is sample i, the formats, the pack writer beside the pack it writes). The
+loaders (and torch) are imported when data is built, so the config and the launcher can read
+`sources` without them."""
 from __future__ import annotations
 
 import os
@@ -13,7 +16,7 @@ from .sources import LOADERS, MAX_CACHED_SIZE, SOURCES, check_pack_options, chec
 
 if TYPE_CHECKING:
     from .base import TrainData
-    from .cached import ImageSet
+    from .base import ImageSet
 
 __all__ = ["SOURCES", "LOADERS", "MAX_CACHED_SIZE", "build_data", "load_datasets", "load_streamed", "check_root",
            "check_pack_options"]
@@ -25,7 +28,8 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
     """(train, test) decoded into memory for `source` (one of SOURCES); `data_config`: the data
     section (data.classes, data.val_labels) of an imagefolder tree."""
     from .augment import resize_uint8
-    from .cached import ImageSet, load_imagefolder, load_pack_split
+    from .base import ImageSet
+    from .cached import load_imagefolder, load_pack_split
     from .sources.layout import resolve
     from .sources.official import load_official
     if source not in SOURCES:

@@ -1,13 +1,15 @@
-"""What the trainer consumes: for a (round, epoch, step), this rank's augmented images, the global
-batch's sample indices (bank rows) and labels; and, for evaluation, test-transformed images of
-any index range of a split. Implementations: `cached.CachedData` (small images decoded once into
-memory) and the streaming loaders."""
+"""The data types every side shares, light (no torch at import). What the trainer consumes
+(`TrainData`): for a (round, epoch, step), this rank's augmented images, the global batch's sample
+indices (bank rows) and labels; and, for evaluation, test-transformed images of any index range of
+a split. Implementations: `cached.CachedData` (small images decoded once into memory, an
+`ImageSet` per split, which the sources fill) and the streaming loaders."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-import torch
+if TYPE_CHECKING:                      # light: the launcher and the sources read these types without torch
+    import torch
 
 
 @dataclass
@@ -27,6 +29,22 @@ class SplitInfo:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass
+class ImageSet:
+    """A decoded split. Row i of `images` is global sample i (its memory-bank row)."""
+    images: torch.Tensor                     # uint8 (N, H, W, 3), contiguous
+    labels: torch.Tensor                     # int64 (N,); only for evaluation, never for training
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
+    files: list[str] = field(default_factory=list)   # row i's file; empty for sources without files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def info(self) -> SplitInfo:
+        return SplitInfo(self.labels, self.classes, self.skipped, self.files.__getitem__ if self.files else None)
 
 
 class TrainData(Protocol):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -20,26 +19,10 @@ from PIL import Image
 from ..platform import files
 from ..platform.log import progress_bar
 from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
-from .base import Batch, SplitInfo
+from .base import Batch, ImageSet, SplitInfo
 from .sources.folder import file_stamp, list_split, to_rgb
 from .prefetch import prefetch
 from .sampler import augment_generator, global_batches, rank_slice
-
-
-@dataclass
-class ImageSet:
-    """A decoded split. Row i of `images` is global sample i (its memory-bank row)."""
-    images: torch.Tensor                     # uint8 (N, H, W, 3), contiguous
-    labels: torch.Tensor                     # int64 (N,); only for evaluation, never for training
-    classes: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out
-    files: list[str] = field(default_factory=list)   # row i's file; empty for sources without files
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def info(self) -> SplitInfo:
-        return SplitInfo(self.labels, self.classes, self.skipped, self.files.__getitem__ if self.files else None)
 
 
 # ------------------------------------------------------------------------- imagefolder decoding

@@ -1,5 +1,8 @@
-"""The data sources a config can name, and the checks of a source's root that run before any
-work (config validation, the launcher): light, so they need neither torch nor an image library."""
+"""What is on disk: the data sources a config can name, one module per format (ImageFolder trees,
+plain image folders, packs and their writer, the official CIFAR/SVHN files, the embedded demo),
+each saying which file or record is sample i. This file holds the names and the checks of a
+source's root that run before any work (config validation, the launcher): light, so they need
+neither torch nor an image library."""
 from __future__ import annotations
 
 import os

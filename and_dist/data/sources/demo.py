@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..cached import ImageSet
+from ..base import ImageSet
 
 CLASSES = ["disc", "square", "triangle", "plus", "ring",
            "hbars", "vbars", "xcross", "lshape", "star"]

@@ -40,7 +40,7 @@ def listing_key(paths: list[str]) -> str:
 def empty_set(image_size: int):
     """The in-memory test split of a folder without labels: no images."""
     import torch
-    from ..cached import ImageSet
+    from ..base import ImageSet
     return ImageSet(torch.empty(0, image_size, image_size, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.long), [])
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...platform.errors import UserError
-from ..cached import ImageSet
+from ..base import ImageSet
 from . import OFFICIAL_FILES
 
 URLS = {
