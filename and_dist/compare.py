@@ -46,12 +46,13 @@ from .config import MODEL_SHAPE_WORDS, load_config, model_shape, shape_differenc
 from .platform import files
 from .platform.cluster import placement
 from .platform.errors import UserError
-from .platform.version import describe
+from .platform.log import read_events
+from .platform.version import describe_version
 from .run.entry import main_rank, user_error_exit
 from .run.stop import exits_on_stop
 
 PRESETS = {"and": ["curriculum.method=and"], "instance": ["curriculum.method=instance"]}
-METRICS = ("knn_top1", "anchor_consistency", "all_consistency")
+COMPARED_METRICS = ("knn_top1", "anchor_consistency", "all_consistency")
 OWN_KEYS = ("run_dir=", "resume=", "init_from=", "train.seed=")      # what this command sets per run
 
 
@@ -114,7 +115,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def plan(config: str, overrides: list[str], arms: dict[str, list[str]], seeds: list[int],
+def plan_arms(config: str, overrides: list[str], arms: dict[str, list[str]], seeds: list[int],
          branch: int) -> tuple[Path, list[Job]]:
     """(the comparison's folder, every run in order: per seed its base, then its arms), every
     config checked first."""
@@ -170,12 +171,7 @@ def mean_sd(values: list) -> dict:
 
 def _events(run: Path, kind: str) -> dict[int, dict]:
     """The last `kind` event of each round in the run's metrics.jsonl."""
-    path, out = run / "metrics.jsonl", {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        e = json.loads(line)
-        if e.get("event") == kind:
-            out[e["round"]] = e
-    return out
+    return {e["round"]: e for e in read_events(run, kind)}
 
 
 def run_rounds(base: Path, arm: Path, branch: int) -> dict[int, dict]:
@@ -189,13 +185,13 @@ def run_rounds(base: Path, arm: Path, branch: int) -> dict[int, dict]:
                          "all_consistency": diag.get(r["round"], {}).get("all_consistency")} for r in rows}
 
 
-def table(per_seed: dict[str, list[dict[int, dict]]]) -> list[dict]:
+def arm_table(per_seed: dict[str, list[dict[int, dict]]]) -> list[dict]:
     """Rows (arm, round, each metric's mean_sd over seeds) from {arm: [run_rounds per seed]}."""
     rows = []
     for arm, runs in per_seed.items():
         for r in sorted({r for run in runs for r in run}):
             rows.append({"arm": arm, "round": r, **{m: mean_sd([run.get(r, {}).get(m) for run in runs])
-                                                    for m in METRICS}})
+                                                    for m in COMPARED_METRICS}})
     return rows
 
 
@@ -228,7 +224,7 @@ def code_lines(runs: list[dict]) -> str:
     its runs, so a table mixing code versions says so."""
     versions: dict[str, list[str]] = {}
     for r in runs:
-        text = describe(r["code"]) if r["code"] else "not recorded"
+        text = describe_version(r["code"]) if r["code"] else "not recorded"
         versions.setdefault(text, []).append(f"seed{r['seed']}/{r['arm']}")
     if len(versions) == 1:
         return f"\nCode: {next(iter(versions))} (every run).\n"
@@ -239,7 +235,7 @@ def write_table(root: Path, arms: list[str], seeds: list[int], branch: int, jobs
     from .platform.plots import compare_chart
     per_seed = {a: [run_rounds(root / f"seed{s}" / "base", root / f"seed{s}" / a, branch) for s in seeds]
                 for a in arms}
-    rows = table(per_seed)
+    rows = arm_table(per_seed)
     title = f"{root.name}: {', '.join(arms)} over seeds {', '.join(map(str, seeds))}, branched after round {branch}"
     runs = [{"seed": j.seed, "arm": j.arm, "run_dir": str(j.run_dir), "code": run_code(j.run_dir)} for j in jobs]
     files.write_text(root / "compare.md", markdown(rows, title) + code_lines(runs))
@@ -274,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     arms = user_error_exit(parse_arms, args.arms)
     seeds = user_error_exit(parse_seeds, args.seeds)
-    root, jobs = user_error_exit(plan, args.config, args.overrides, arms, seeds, args.branch_after_round)
+    root, jobs = user_error_exit(plan_arms, args.config, args.overrides, arms, seeds, args.branch_after_round)
     if placement().world > 1 and not args.print_commands:
         user_error_exit(_refuse_ranks)
     if args.print_commands:

@@ -23,7 +23,7 @@ from .models import ARCHS
 from .platform import files
 from .platform.errors import UserError
 from .platform.typed import (AT_LEAST_ONE, FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, PROBABILITY, SCALE_RANGE,
-                             ConfigError, apply_override, check_fields, describe, merge, opt, yaml_load)
+                             ConfigError, apply_override, check_fields, describe_value, merge, opt, yaml_load)
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_args", "config_or_exit", "config_from_dict",
            "save_config", "to_dict", "validate"]
@@ -300,7 +300,7 @@ def load_config(config: str, overrides: list[str], base: Config | None = None, c
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, "
-                              f"got {describe(data)}")
+                              f"got {describe_value(data)}")
         data.pop(CODE_KEY, None)      # a saved run's record of its code (save_config), not a setting
         merge(cfg, data)
     for text in overrides:

@@ -21,14 +21,16 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .run import checkpoint, rundir
+from .run import rundir
+from .run.contents import RunState
 from .platform import dist, files
-from .config import MODEL_SHAPE_WORDS, Config, model_shape, save_config
-from .eval.pretrained import resolve      # what --checkpoint PATH names (export.py takes it from here)
+from .config import MODEL_SHAPE_WORDS, Config, load_config, model_shape, save_config
+from .eval.pretrained import resolve_trained      # what --checkpoint PATH names (export.py takes it from here)
 from .run.entry import Session, main_decides, main_rank, user_error_exit
 from .platform.errors import UserError
 from .platform.log import RunLog, fmt
@@ -44,9 +46,8 @@ def run_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
 
 
-def configure(base: Config, config: str, overrides: list[str]) -> tuple[Config, str]:
+def evaluation_config(base: Config, config: str, overrides: list[str]) -> tuple[Config, str]:
     """(config, resume): base <- --config <- overrides; resume is "" or "auto"."""
-    from .probe import configure as merge_config
     resume = ""
     rest = []
     for text in overrides:
@@ -56,17 +57,30 @@ def configure(base: Config, config: str, overrides: list[str]) -> tuple[Config, 
             rest.append(text)
     if resume not in ("", "auto"):
         raise UserError(f"resume={resume!r}: an evaluation continues with resume=auto (its newest evaluation)")
-    cfg = merge_config(base, config, rest)
+    base.resume = ""          # the pretraining's resume path plays no part here
+    cfg = load_config(config, rest, base=base)
     cfg.out_dir = os.path.expanduser(cfg.out_dir)
     return cfg, resume
 
 
-def load(args) -> tuple:
-    """(model, memory bank or None, cfg, resume, the evaluations folder, source line, checkpoint or
-    None), every input checked (`check_inputs`) before any folder is made."""
-    model, bank, cfg, resume, parent, source, ckpt = _load(args)
-    check_inputs(args.kind, cfg, model, bank, ckpt)
-    return model, bank, cfg, resume, parent, source, ckpt
+@dataclass
+class Inputs:
+    """What an evaluation evaluates, every part checked before any folder is made."""
+    model: torch.nn.Module
+    cfg: Config
+    resume: str                  # "" or "auto"
+    parent: Path                 # where its evaluations/<time>/ folders go
+    source: str                  # one line: what --checkpoint named
+    ckpt: Path | None            # our checkpoint; None for a weights file
+    bank: torch.Tensor | None    # a weights file's memory bank, if it has one
+
+
+def load_inputs(kind: str, checkpoint: str, config: str, overrides: list[str]) -> Inputs:
+    """The model, config and sources of `evaluate KIND --checkpoint PATH [--config] [overrides]`,
+    checked (`check_inputs`) before any folder is made."""
+    got = _load(checkpoint, config, overrides)
+    check_inputs(kind, got.cfg, got.model, got.bank, got.ckpt)
+    return got
 
 
 def check_inputs(kind: str, cfg: Config, model, bank, ckpt: Path | None) -> None:
@@ -79,28 +93,29 @@ def check_inputs(kind: str, cfg: Config, model, bank, ckpt: Path | None) -> None
     if kind in ("probe", "all"):
         check_layers(cfg, model)
     if kind in ("knn", "all") and cfg.eval.train_features == "bank" and bank is None and (
-            ckpt is None or not any(Path(ckpt).glob("bank-*.pt"))):
+            ckpt is None or not RunState(ckpt).bank_files()):
         raise UserError("eval.train_features=bank: this checkpoint holds no memory bank")
 
 
-def _load(args) -> tuple:
+def _load(checkpoint: str, config: str, overrides: list[str]) -> Inputs:
     from .eval.pretrained import load_model
     from .eval.weights import load_weights
-    ckpt, weights, chosen = resolve(args.checkpoint)
+    ckpt, weights, chosen = resolve_trained(checkpoint)
     if ckpt is not None:
         model, base, ckpt = load_model(ckpt)
-        own = model_shape(base)                  # before configure: it merges into `base` itself
-        cfg, resume = configure(base, args.config, args.overrides)
+        own = model_shape(base)                  # before evaluation_config: it merges into `base` itself
+        cfg, resume = evaluation_config(base, config, overrides)
         if model_shape(cfg) != own:
             arch, low_dim, size = own.values()
             raise UserError(f"{MODEL_SHAPE_WORDS} stay the run's own ({arch}, {low_dim}, {size} px) when evaluating a run")
-        return model, None, cfg, resume, run_of(ckpt) / "evaluations", chosen, ckpt
+        return Inputs(model, cfg, resume, run_of(ckpt) / "evaluations", chosen, ckpt, None)
     base = Config()
     base.name = weights.stem
-    cfg, resume = configure(base, args.config, args.overrides)
+    cfg, resume = evaluation_config(base, config, overrides)
     got = load_weights(weights, cfg.model.low_dim, cfg.data.image_size)
     cfg.model.arch = got.arch
-    return got.model, got.bank, cfg, resume, Path(cfg.out_dir) / cfg.name / "evaluations", f"{chosen}; {got.what}", None
+    return Inputs(got.model, cfg, resume, Path(cfg.out_dir) / cfg.name / "evaluations", f"{chosen}; {got.what}",
+                  None, got.bank)
 
 
 def choose_dir(parent: Path, resume: str) -> tuple[Path, bool]:
@@ -116,7 +131,6 @@ def choose_dir(parent: Path, resume: str) -> tuple[Path, bool]:
 def knn(cfg: Config, env, model, log: RunLog, bank, ckpt: Path | None, dtype) -> tuple[float, float]:
     from .data import build_data
     from .eval.knn import knn_eval
-    from .eval.weights import run_bank_rows
     from .data.sources.images import NO_LABELS, labelled
     data = build_data(cfg, env, None, log.info, log.tty)
     test_signal("knn")                                            # test hook (AND_TEST_SIGNAL_AT)
@@ -132,7 +146,7 @@ def knn(cfg: Config, env, model, log: RunLog, bank, ckpt: Path | None, dtype) ->
                                 f"data.source={cfg.data.source} has {n} train images")
             feats = bank[lo:hi]
         elif ckpt is not None:
-            feats = run_bank_rows(ckpt, n, lo, hi)
+            feats = RunState(ckpt).bank_slice(n, lo, hi)
         if feats is None:
             raise UserError("eval.train_features=bank: this checkpoint holds no memory bank")
         feats = feats.to(env.device, dtype)
@@ -140,14 +154,14 @@ def knn(cfg: Config, env, model, log: RunLog, bank, ckpt: Path | None, dtype) ->
     return knn_eval(model, data, env, e.knn_k, e.knn_sigma, feats, dtype, log.bar)
 
 
-def table(rows: list[tuple[str, float | None, float | None]]) -> str:
+def format_table(rows: list[tuple[str, float | None, float | None]]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"  {'':<{width}}  top-1   top-5"]
     lines += [f"  {name:<{width}}  {fmt(t1):>5}   {fmt(t5):>5}" for name, t1, t5 in rows]
     return "\n".join(lines)
 
 
-def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, source: str,
+def run_evaluation(kind: str, cfg: Config, env, model, out: Path, resuming: bool, source: str,
              ckpt: Path | None, bank, stop: Stop) -> int:
     from .eval.prober import final_knn, run_probes
     if cfg.train.threads:
@@ -159,9 +173,7 @@ def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, sour
                         f"'{old['kind']}' again, or leave resume out for a new evaluation")
     log = RunLog.for_config(out, env.is_main, cfg, name=f"{cfg.name}-eval-{out.name}")
     log.wandb_id = old.get("wandb_id", log.wandb_id)
-    step = 0
-    if ckpt is not None:
-        step = checkpoint.read_state(ckpt).get("progress", {}).get("global_step", 0)
+    step = RunState(ckpt).global_step if ckpt is not None else 0
     result = {"kind": kind, "source": source, "checkpoint": str(ckpt) if ckpt else None,
               "arch": cfg.model.arch, "wandb_id": log.wandb_id, "finished": False,
               "code": code_version()}
@@ -200,7 +212,7 @@ def evaluate(kind: str, cfg: Config, env, model, out: Path, resuming: bool, sour
         result["finished"] = True
         if env.is_main:
             files.write_text(record, json.dumps(result, indent=2))
-        log.info(f"{source}\n{table(rows)}\n  ({record})")
+        log.info(f"{source}\n{format_table(rows)}\n  ({record})")
         return 0
     finally:
         log.close()
@@ -217,17 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="", help="YAML path or name in configs/ (default: the run's own config)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    model, bank, cfg, resume, parent, source, ckpt = user_error_exit(load, args)
+    got = user_error_exit(load_inputs, args.kind, args.checkpoint, args.config, args.overrides)
     if main_rank():
-        print(f"evaluating {source}", flush=True)
+        print(f"evaluating {got.source}", flush=True)
 
     def body(session: Session) -> int:
-        out, resuming = main_decides(session.env, lambda: choose_dir(parent, resume))
+        out, resuming = main_decides(session.env, lambda: choose_dir(got.parent, got.resume))
         session.lock(out)
         with Stop() as stop:
-            return evaluate(args.kind, cfg, session.env, model, out, resuming, source, ckpt, bank, stop)
+            return run_evaluation(args.kind, got.cfg, session.env, got.model, out, resuming, got.source, got.ckpt,
+                                  got.bank, stop)
 
-    return Session(cfg.train).run(body)
+    return Session(got.cfg.train).run(body)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ def normalisation(cfg) -> tuple[tuple, tuple]:
 
 def export(source: str, out: Path) -> dict:
     from .eval.pretrained import load_model
-    from .evaluate import resolve, run_of
-    ckpt, weights, _ = resolve(source)
+    from .evaluate import resolve_trained, run_of
+    ckpt, weights, _ = resolve_trained(source)
     if ckpt is None:
         raise UserError(f"{weights} is a weights file; export takes a run (directory, checkpoint or run name)")
     model, cfg, ckpt = load_model(ckpt)
@@ -94,10 +94,10 @@ def export_embeddings(source: str, out: Path, features: str = "bank") -> dict:
     from .data import build_data
     from .eval.features import extract
     from .eval.pretrained import load_model
-    from .eval.weights import run_bank_rows
-    from .evaluate import resolve
+    from .run.contents import RunState
+    from .evaluate import resolve_trained
     from .platform.dist import init
-    ckpt, weights, _ = resolve(source)
+    ckpt, weights, _ = resolve_trained(source)
     if ckpt is None:
         raise UserError(f"{weights} is a weights file; export takes a run (directory, checkpoint or run name)")
     if out.suffix != ".npz":
@@ -107,7 +107,7 @@ def export_embeddings(source: str, out: Path, features: str = "bank") -> dict:
     data = build_data(cfg, init("cpu"), None, print, False)
     n = len(data.train)
     if features == "bank":
-        rows = run_bank_rows(ckpt, n, 0, n)
+        rows = RunState(ckpt).bank_slice(n, 0, n)
         if rows is None:
             raise UserError(f"{ckpt} holds no memory bank; use --features recompute")
     else:

@@ -30,7 +30,7 @@ import sys
 from contextlib import contextmanager, suppress
 from multiprocessing import Pool
 
-from .data.sources.folder import TreeWalk, _is_image
+from .data.sources.folder import TreeWalk, is_image
 from .data.sources.layout import check_layout_keys
 from .data.sources.reencode import for_copy
 from .platform.errors import EXIT_USER_ERROR, UserError
@@ -93,7 +93,7 @@ def resize_image(job: tuple[str, str, int, int]) -> tuple[str, str, str | None]:
     return src, "resized", None
 
 
-def plan(src: str, dst: str, log=print) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def plan_copy(src: str, dst: str, log=print) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(images, other files) as (source, destination) pairs, sorted; hidden entries, and links
     that lead back into the tree (data/sources/folder.py), left out."""
     images, others = [], []
@@ -102,7 +102,7 @@ def plan(src: str, dst: str, log=print) -> tuple[list[tuple[str, str]], list[tup
         os.makedirs(out_dir, exist_ok=True)
         for path in paths:
             pair = (path, os.path.join(out_dir, os.path.basename(path)))
-            (images if _is_image(os.path.basename(path)) else others).append(pair)
+            (images if is_image(os.path.basename(path)) else others).append(pair)
     return sorted(images), sorted(others)
 
 
@@ -117,7 +117,7 @@ def prepare(src: str, dst: str, side: int, quality: int = 90, workers: int = 0, 
     for path in labels:
         if not os.path.isfile(path):
             raise UserError(f"--labels: {path} is not a file")
-    images, others = plan(src, dst, log)
+    images, others = plan_copy(src, dst, log)
     others += [(os.path.abspath(p), os.path.join(dst, os.path.basename(p))) for p in labels]
     counts = {"kept": 0, "copied": 0, "resized": 0, "skipped": 0, "other files": 0}
     for a, b in others:

@@ -1,5 +1,8 @@
 """Linear probes on a trained run's frozen layers: `python -m and_dist.probe --checkpoint RUN
 [--config FILE] [key=value ...]` (torchrun / srun too), or `probe.after_train: true` in training.
+This is `python -m and_dist.evaluate probe` (the same inputs and checks, the same `run_probes`)
+with its outputs kept in the run itself, beside the pretraining's: the SLURM probe job and
+`probe.after_train` write the same files, and the same command continues them.
 
 The run's config is the base; `--config` (e.g. only a `probe:` section) and dotted overrides
 change it. Each layer of `probe.layers` gets a ~9k-d pooled feature (eval/probes.py), BN without
@@ -20,44 +23,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from .run import checkpoint
-from .config import Config, load_config, save_config
-from .run.entry import Session, user_error_exit
-from .platform.errors import UserError
+from .config import save_config
 from .eval.prober import run_probes
+from .evaluate import load_inputs, run_of
+from .platform.errors import UserError
 from .platform.log import RunLog
+from .run.contents import RunState
+from .run.entry import Session, user_error_exit
 from .run.stop import Stop, exits_on_stop
 
 
-def _checkpoint_dir(text: str) -> Path:
-    """A run directory, its checkpoints/ folder, a checkpoint directory, or a `latest` file."""
-    path = Path(text).expanduser()
-    if path.is_file() and path.name == checkpoint.LATEST:
-        path = path.parent / path.read_text().strip()
-    try:
-        return checkpoint.resolve(path)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-
-
-def configure(cfg: Config, config: str, overrides: list[str]) -> Config:
-    """The run's config <- the `config` YAML file (if any) <- `a.b=value` overrides, validated."""
-    cfg.resume = ""          # the pretraining's resume path plays no part here
-    return load_config(config, overrides, base=cfg)
-
-
-def _load(checkpoint_arg: str, config: str, overrides: list[str]):
-    from .eval.pretrained import load_model
-    from .data.sources.images import NO_LABELS
-    model, cfg, ckpt = load_model(_checkpoint_dir(checkpoint_arg))
-    cfg = configure(cfg, config, overrides)
-    if cfg.data.source == "images":
-        raise UserError(NO_LABELS.format(source="images", what="a linear probe"))
-    return model, cfg, ckpt
+def _inputs(checkpoint: str, config: str, overrides: list[str]):
+    got = load_inputs("probe", checkpoint, config, overrides)
+    if got.ckpt is None:
+        raise UserError(f"--checkpoint {checkpoint} is a weights file; python -m and_dist.probe probes a run of "
+                        "ours in place: use python -m and_dist.evaluate probe --checkpoint FILE")
+    return got
 
 
 @exits_on_stop("run the same command again to continue")
@@ -70,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="", help="YAML path or name in configs/ overriding the run's config")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    model, cfg, ckpt = user_error_exit(_load, args.checkpoint, args.config, args.overrides)
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    got = user_error_exit(_inputs, args.checkpoint, args.config, args.overrides)
+    cfg, ckpt, run = got.cfg, got.ckpt, run_of(got.ckpt)
 
     def body(session: Session) -> int:
         env = session.env
@@ -80,16 +64,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.train.threads)
         if env.is_main:
             save_config(cfg, run / "probes" / "config.yaml")
-        state = checkpoint.read_state(ckpt)
+        saved = RunState(ckpt)
         log = RunLog.for_config(run, env.is_main, cfg)
-        log.wandb_id = state.get("log", {}).get("wandb_id", log.wandb_id)   # the run's own wandb run
-        step = state.get("progress", {}).get("global_step", 0)
-        del state
+        log.wandb_id = (saved.log or {}).get("wandb_id", log.wandb_id)      # the run's own wandb run
+        step = saved.global_step
         log.info(f"probing {ckpt} (pretraining step {step}) on {env.device}, {env.world} rank(s)")
         log.start_wandb()
         try:
             with Stop() as stop:
-                results = run_probes(cfg, env, run, model.to(env.device), log, stop=stop, step=step)
+                results = run_probes(cfg, env, run, got.model.to(env.device), log, stop=stop, step=step)
         finally:
             log.close()
         return 0 if results is not None else stop.exit_status()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .run import checkpoint, rundir
+from .run.contents import RunState
 from .platform import dist, precision
 from .config import Config, config_or_exit, save_config
 from .data import build_data
@@ -23,7 +24,7 @@ from .data.sources.images import labelled
 from .run.entry import Session, main_decides
 from .platform.errors import UserError
 from .platform.log import RunLog
-from .platform.version import code_version, describe
+from .platform.version import code_version, describe_version
 from .method.bank import ShardedBank
 from .method.curriculum import Curriculum
 from .models import build_model, convert_global_bn
@@ -46,11 +47,11 @@ def _choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     return run, (checkpoint.find_latest(run / "checkpoints", clean=True) if resuming else None)
 
 
-def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer:
+def build_trainer(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer:
     """Wire the components of a run and restore them from `ckpt` if given, else from init_from if
     set. A fresh run's config.yaml (what makes it a run) is written once the source fits."""
     t = cfg.train
-    source = init_from.read(cfg) if cfg.init_from and ckpt is None else None
+    source = init_from.read_source(cfg) if cfg.init_from and ckpt is None else None
     if t.threads:
         torch.set_num_threads(t.threads)
     cuda = env.device.type == "cuda"
@@ -102,13 +103,12 @@ def build(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) -> Trainer
 def _log_state(cfg, run: Path, ckpt: Path, p: Progress) -> dict:
     """The metrics lines to keep on resume: the training checkpoint's, or, once training is done
     and `after_train` probes of these weights were checkpointed, the later probe checkpoint's."""
-    state = checkpoint.read_state(ckpt)["log"]
     probe = checkpoint.find_latest(run / "probes" / "checkpoints") if cfg.probe.after_train else None
     if probe is not None and p.round >= cfg.curriculum.rounds:
-        later = checkpoint.read_state(probe)
-        if later["progress"]["source"].get("pretrain_step") == p.global_step and "log" in later:
-            return later["log"]
-    return state
+        later = RunState(probe)
+        if later.progress["source"].get("pretrain_step") == p.global_step and later.log is not None:
+            return later.log
+    return RunState(ckpt).log
 
 
 def _banner(log, cfg, env, run, data, ckpt, p, source) -> None:
@@ -121,7 +121,7 @@ def _banner(log, cfg, env, run, data, ckpt, p, source) -> None:
     log.info(f"run directory {run}\n"
              f"  config {cfg.name}; {where}\n"
              f"  device {env.device}, {env.world} rank{'s' if env.world > 1 else ''}, {cfg.train.dtype}\n"
-             f"  code {describe(code_version())}\n"
+             f"  code {describe_version(code_version())}\n"
              f"  data {cfg.data.source}: {len(data.train)} train / {len(data.test)} test images, "
              f"{len(data.train.classes)} classes, {skipped} skipped" + (" (skipped.txt)" if skipped else ""))
 
@@ -140,7 +140,7 @@ def _train(cfg: Config, session: Session) -> int:
         session.created(run)
     session.lock(run)
     with Stop() as stop:
-        trainer = build(cfg, session.env, run, ckpt, stop)
+        trainer = build_trainer(cfg, session.env, run, ckpt, stop)
         try:
             done = trainer.run() is not None
             if done and cfg.probe.after_train and not labelled(trainer.data):

@@ -36,11 +36,12 @@ def main(argv=None) -> int:
     from and_dist.method.discovery import discover
     from and_dist.method.label_free import kept, mutual, view_neighbours, view_sample
     from and_dist.platform.dist import init
+    from and_dist.run import checkpoint
     torch.set_num_threads(args.threads)
     model, cfg, ckpt = load_model(args.run)
     data = build_data(cfg, init("cpu"), None, lambda *_: None, False)
     bank = ShardedBank(len(data.train), cfg.model.low_dim)
-    bank.load_state_dict([torch.load(f, weights_only=True) for f in sorted(ckpt.glob("bank-*.pt"))])
+    checkpoint.load(ckpt, {"bank": bank})
     k, d = cfg.curriculum.neighbours, cfg.discovery
     find = lambda: discover(bank, cfg.bank.temperature, k=k, chunk=d.chunk, backend=d.backend,  # noqa: E731
                             precision=d.precision, kernel=d.kernel)

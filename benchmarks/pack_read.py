@@ -109,7 +109,7 @@ def first_start(args, work: Path) -> list[str]:
     restart (index only), against the file index's 226.3 s; the hash rate projects real sizes."""
     import numpy as np
     from and_dist.data.sources.pack import open_pack, sha256_of
-    from and_dist.data.sources.pack_write import ShardWriter, _index
+    from and_dist.data.sources.pack_write import ShardWriter, write_index
     from and_dist.platform import files
     root = work / "index-pack"
     n, per_shard, payload = args.index_n, -(-args.index_n // 8), b"\xff\xd8" + bytes(98)
@@ -127,7 +127,7 @@ def first_start(args, work: Path) -> list[str]:
                     names.append(f"{split}/c{i % 1000:04d}/{i:08d}.JPEG")
                     w.add(i, names[-1], payload, (375, 500), "JPEG", 0)
                 records.append({"shard": w.close(), "rows": w.rows, "skipped": []})
-            _index(str(root), split, records, [i % 1000 for i in range(count)], names)
+            write_index(str(root), split, records, [i % 1000 for i in range(count)], names)
             manifest["splits"][split] = {"folder": split, "samples": count, "shards": [r["shard"] for r in records],
                                          "skipped": []}
         files.write_text(root / "pack.json", json.dumps(manifest))

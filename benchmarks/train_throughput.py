@@ -162,7 +162,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     from and_dist.platform import precision
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, precision "
-          f"{precision.resolve(args.precision, torch.device(args.device))}, compile {args.compile}, "
+          f"{precision.resolve_precision(args.precision, torch.device(args.device))}, compile {args.compile}, "
           f"{args.steps} timed steps", flush=True)
     head = (f"{'arch':<15} {'px':>4} {'batch':>6} {'trainer img/s':>14} {'model img/s':>12} "
             f"{'trainer/model':>13} {'syncs/step':>10}")

@@ -72,7 +72,7 @@ class Plan:
     copy_code: bool = True          # copy the code for the jobs (not in a container: the image is the code)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def launch_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML path or a name in configs/")
@@ -311,7 +311,7 @@ def _submit_jobs(submitit, plan: Plan, stages: list[Stage], code: dict) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = launch_args(argv)
     try:
         plan = make_plan(args)
         for w in plan.warnings:

@@ -107,11 +107,11 @@ def train_here(config: str, overrides: list[str]):
     from and_dist.platform import dist
     from and_dist.run import rundir
     from and_dist.run.stop import Stop
-    from and_dist.train import build
+    from and_dist.train import build_trainer
     cfg = load_config(config, overrides)
     run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
     with Stop() as stop:
-        trainer = build(cfg, dist.init("cpu"), run, None, stop)
+        trainer = build_trainer(cfg, dist.init("cpu"), run, None, stop)
         try:
             summary = trainer.run()
         finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import ENV, events
 
-from and_dist.compare import main, markdown, mean_sd, parse_arms, table
+from and_dist.compare import main, markdown, mean_sd, parse_arms, arm_table
 
 REPO = Path(__file__).parent.parent
 # 200 images, batches of 50: 4 steps an epoch, 2 epochs a round; round 0 in the base, round 1 in each arm
@@ -51,7 +51,7 @@ def test_mean_and_sample_sd_over_seeds():
 def test_the_table_has_one_row_per_arm_and_round_with_each_metric_over_seeds():
     run = lambda k, a, c: {0: {"knn_top1": k, "anchor_consistency": None, "all_consistency": None},
                            1: {"knn_top1": k + 10, "anchor_consistency": a, "all_consistency": c}}
-    rows = table({"and": [run(10, 0.5, 0.2), run(12, 0.7, 0.4), run(14, 0.6, 0.3)], "instance": [run(10, None, 0.1)]})
+    rows = arm_table({"and": [run(10, 0.5, 0.2), run(12, 0.7, 0.4), run(14, 0.6, 0.3)], "instance": [run(10, None, 0.1)]})
     assert [(r["arm"], r["round"]) for r in rows] == [("and", 0), ("and", 1), ("instance", 0), ("instance", 1)]
     assert rows[1]["knn_top1"] == {"mean": 22.0, "sd": 2.0, "n": 3}
     assert rows[1]["anchor_consistency"] == pytest.approx({"mean": 0.6, "sd": 0.1, "n": 3})

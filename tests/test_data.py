@@ -142,7 +142,7 @@ def test_links_back_into_the_tree_are_read_once_and_links_out_of_it_are_followed
     another class's image and a second link to one outside folder: each left out with a line
     naming it. A folder and a file linked from outside the tree are read, once."""
     from and_dist.data.sources.folder import list_split
-    from and_dist.prepare import plan
+    from and_dist.prepare import plan_copy
     rng = np.random.RandomState(2)
     root, outside = tmp_path / "tree", tmp_path / "elsewhere"
     for rel in [*(f"train/a/{i}.png" for i in range(12)), *(f"train/b/{i}.png" for i in range(19)),
@@ -163,7 +163,7 @@ def test_links_back_into_the_tree_are_read_once_and_links_out_of_it_are_followed
     assert all("would be read twice" in l for l in said if l.startswith("warning: skipping"))
     tr, _ = load_datasets("imagefolder", str(root), 8, None, log=lambda m: None)
     assert len(tr) == 34 and tr.labels.tolist() == labels
-    images, _ = plan(str(root), str(tmp_path / "copy"), log=lambda m: None)     # prepare's walk: the same
+    images, _ = plan_copy(str(root), str(tmp_path / "copy"), log=lambda m: None)     # prepare's walk: the same
     assert len(images) == 34 + 2
 
 

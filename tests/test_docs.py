@@ -17,7 +17,7 @@ What is checked, for each command that names one of this project's entry points:
   check_data=False, so data roots need not exist here): for train the named config (default
   demo), and a data.root must be given where the config's source needs one; for evaluate and
   probe, which start from a run's own config, the schema's defaults stand in for it (through
-  evaluate.configure / probe.configure themselves).
+  evaluate.evaluation_config itself, which probe.py shares).
 * `torchrun ...` and `python -m torch.distributed.run ...`: torchrun's own flags through
   torch's parser, then the module or script it starts, as above.
 * `python launch/slurm.py ...`: its parser, then launch/slurm.py's own make_plan (config,
@@ -419,16 +419,9 @@ def check_train(ns) -> list[str]:
 
 
 def check_evaluate(ns) -> list[str]:
-    from and_dist import evaluate, probe
-    with mock.patch.object(probe, "load_config", validated_load):
-        return config_problems(lambda overrides: evaluate.configure(run_config(), ns.config, overrides),
-                               ns.overrides)[1]
-
-
-def check_probe(ns) -> list[str]:
-    from and_dist import probe
-    with mock.patch.object(probe, "load_config", validated_load):
-        return config_problems(lambda overrides: probe.configure(run_config(), ns.config, overrides),
+    from and_dist import evaluate
+    with mock.patch.object(evaluate, "load_config", validated_load):
+        return config_problems(lambda overrides: evaluate.evaluation_config(run_config(), ns.config, overrides),
                                ns.overrides)[1]
 
 
@@ -444,7 +437,7 @@ def check_write_only(what: str, args: list[str]) -> list[str]:
 MODULES = {                   # module -> what its namespace is checked with (None: the parser only)
     "and_dist.train": check_train,
     "and_dist.evaluate": check_evaluate,
-    "and_dist.probe": check_probe,
+    "and_dist.probe": check_evaluate,      # probe.py takes evaluate's inputs
     "and_dist.export": None,
     "and_dist.prepare": None,
 }
@@ -506,7 +499,7 @@ def launcher():
 
 def check_slurm(args: list[str]) -> list[str]:
     slurm = launcher()
-    ns, error = parse(slurm.parse_args, args)
+    ns, error = parse(slurm.launch_args, args)
     if ns is None:
         return [error]
     if ns is HELP:

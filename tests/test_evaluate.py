@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from and_dist import evaluate, export
 from and_dist.eval.pretrained import load_model
-from and_dist.eval.weights import build, find_state_dict, load_weights, match
+from and_dist.eval.weights import model_from_state, find_state_dict, load_weights, match
 from and_dist.models import build_model
 from helpers import wandb_history
 
@@ -228,7 +228,7 @@ def test_a_torchvision_alexnet_with_dataparallel_on_features_matches():
     sd["classifier.6.weight"], sd["classifier.6.bias"] = torch.randn(1000, 4096), torch.randn(1000)
     found, where = find_state_dict({"epoch": 90, "model": sd})
     arch, ours = match(found, 128, 64)
-    model, has_head = build(arch, ours, 128, 64)
+    model, has_head = model_from_state(arch, ours, 128, 64)
     assert (where, arch, has_head) == ("['model']", "alexnet", False)
     assert torch.equal(model.backbone.features[0].weight, sd["features.module.0.weight"])
     assert torch.equal(model.backbone.classifier[4].bias, sd["classifier.4.bias"])

@@ -25,7 +25,7 @@ from and_dist.config import load_config
 from and_dist.platform import dist
 from and_dist.run import rundir
 from and_dist.run.stop import Stop
-from and_dist.train import build
+from and_dist.train import build_trainer
 
 SETTINGS = {"bank.temperature": 0.07, "bank.momentum": 0.3, "train.lr": 0.05, "train.momentum": 0.8,
             "train.nesterov": True, "train.weight_decay": 1e-3, "curriculum.anchor_rate": 0.3,
@@ -35,11 +35,11 @@ TINY = ["data.demo_train=30", "data.demo_test=20", "train.batch_size=15", "train
         "checkpoint.every_epochs=0", "train.threads=1", "log.progress=false", "discovery.kernel=exact"]
 
 
-def build_trainer(run_dir, *overrides):
+def golden_trainer(run_dir, *overrides):
     cfg = load_config("demo", TINY + [f"{k}={v}" for k, v in SETTINGS.items()] + [f"run_dir={run_dir}", *overrides])
     run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
     stop = Stop().__enter__()
-    return build(cfg, dist.init("cpu"), run, None, stop), stop
+    return build_trainer(cfg, dist.init("cpu"), run, None, stop), stop
 
 
 def instance_or_anchor_loss(feats, bank, idx, anchor, neighbour, temperature):
@@ -95,7 +95,7 @@ class Reference:
 @pytest.fixture(scope="module")
 def golden_run(tmp_path_factory):
     """The trainer's loop and the reference, step by step; what each saw and computed."""
-    trainer, stop = build_trainer(tmp_path_factory.mktemp("golden") / "run")
+    trainer, stop = golden_trainer(tmp_path_factory.mktemp("golden") / "run")
     ref = Reference(trainer.model, trainer.bank.rows)
     real_step, seen = trainer.step, []
 

@@ -97,7 +97,7 @@ def test_the_repository_and_the_gpu_carry_stay_under_60_mib(tmp_path):
     if not CIFAR.is_dir():
         pytest.skip(f"{CIFAR} is not here (the carry is made from it)")
     archive = REPO / "data" / "cifar10-pack.tar.gz"        # what travels, where the commands put it
-    if not archive.exists() or archive.stat().st_mtime < (REPO / "and_dist" / "data" / "pack_write.py").stat().st_mtime:
+    if not archive.exists() or archive.stat().st_mtime < (REPO / "and_dist" / "data" / "sources" / "pack_write.py").stat().st_mtime:
         pack = tmp_path / "cifar10-pack"                     # made again only when missing or older than the writer
         subprocess.run([sys.executable, "-m", "and_dist.prepare", str(CIFAR), str(pack), "--pack"], cwd=REPO,
                        env={**_env(), "PYTHONPATH": str(REPO)}, check=True, capture_output=True, timeout=300)

@@ -14,7 +14,7 @@ import torch
 from helpers import ENV, REPO, events, final_bank, free_port, jpeg
 
 from and_dist.data.sources.index import load_index
-from and_dist.data.sources.layout import resolve
+from and_dist.data.sources.layout import resolve_layout
 from and_dist.platform.errors import UserError
 
 WNIDS = [f"n0{1000000 + 7919 * k:07d}" for k in range(12)]        # 12 sorted synthetic wnids
@@ -82,7 +82,7 @@ def test_each_label_format_gives_each_file_its_class(flat, tmp_path, kind):
             "kaggle": lambda: write_kaggle(tmp_path / "LOC_val_solution.csv", truth),
             "plain-wnid": lambda: write_plain(tmp_path / "val.txt", truth, False),
             "plain-index": lambda: write_plain(tmp_path / "val.txt", truth, True)}[kind]()
-    layout = resolve(str(root), Opts(path))
+    layout = resolve_layout(str(root), Opts(path))
     assert layout.classes == WNIDS and layout.test == "val"
     index = load_index(str(root), "val", layout.classes, str(tmp_path / "cache"), 2, lambda *_: None, False,
                        listing=layout.listing, extra=layout.key("val"))
@@ -129,7 +129,7 @@ def test_each_bad_label_file_is_one_line_naming_it(flat, tmp_path):
     root, truth = flat
     for path, words in _bad_cases(tmp_path, truth):
         with pytest.raises(UserError) as e:
-            resolve(str(root), Opts(path)).listing("val")
+            resolve_layout(str(root), Opts(path)).listing("val")
         message = str(e.value)
         assert "\n" not in message and all(w in message for w in words), (path.name, message)
 

@@ -12,7 +12,7 @@ from and_dist.platform import dist
 from and_dist.run import checkpoint, rundir
 from and_dist.run.stop import Stop
 from and_dist import train as entry
-from and_dist.train import build
+from and_dist.train import build_trainer
 
 pytestmark = pytest.mark.slow          # every test here starts processes (or uses a fixture that does)
 
@@ -27,11 +27,11 @@ def source(finished_demo_run) -> Path:
 
 
 def built(tmp_path: Path, *overrides: str):
-    """The trainer train.build makes for a fresh run with these overrides (nothing trained yet)."""
+    """The trainer train.build_trainer makes for a fresh run with these overrides (nothing trained yet)."""
     cfg = load_config("demo", [o for o in TINY[2:]] + [f"run_dir={tmp_path / 'new'}", *overrides])
     run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
     with Stop() as stop:
-        trainer = build(cfg, dist.init("cpu"), run, None, stop)
+        trainer = build_trainer(cfg, dist.init("cpu"), run, None, stop)
     trainer.log.close()
     return trainer
 

@@ -21,7 +21,7 @@ from and_dist.config import load_config
 from and_dist.platform import dist
 from and_dist.run import rundir
 from and_dist.run.stop import Stop
-from and_dist.train import build
+from and_dist.train import build_trainer
 
 MARGIN = 0.2
 RUN = ["data.demo_train=256", "data.demo_test=128", "train.batch_size=64", "train.epochs_per_round=3",
@@ -39,7 +39,7 @@ def test_training_lowers_the_instance_loss_against_the_final_bank(tmp_path):
     cfg = load_config("demo", RUN + [f"run_dir={tmp_path / 'run'}"])
     run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
     with Stop() as stop:
-        trainer = build(cfg, dist.init("cpu"), run, None, stop)
+        trainer = build_trainer(cfg, dist.init("cpu"), run, None, stop)
         initial = copy.deepcopy(trainer.model)
         try:
             assert trainer.run() is not None

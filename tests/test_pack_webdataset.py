@@ -21,7 +21,7 @@ from helpers import ENV, REPO, events, final_bank, jpeg
 from and_dist import prepare
 from and_dist.config import load_config
 from and_dist.data import build_data
-from and_dist.data.sources.pack import MANIFEST, open_pack, sha256_of, wds_key
+from and_dist.data.sources.pack import PACK_MANIFEST, open_pack, sha256_of, wds_key
 from and_dist.data.sources.pack_wds import find_shards
 from and_dist.data.sources.pack_write import finish, write_index, write_pack
 from and_dist.platform import dist
@@ -109,7 +109,7 @@ def test_webdataset_shards_become_a_pack_that_feeds_training_as_the_tree_does(tr
     src, dst = tmp_path / "wds", tmp_path / "pack"
     webdataset_copy(tree, src)
     assert prepare.main([str(src), str(dst), "--pack", "--workers=1"]) == 0
-    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest = json.loads((dst / PACK_MANIFEST).read_text())
     left = {where.rsplit(":", 1)[1]: why for where, why in manifest["splits"]["train"]["skipped"]}
     assert left.keys() == {"unlabelled", "corrupt.jpg"} and left["unlabelled"] == "no integer .cls label"
     assert left["corrupt.jpg"].startswith("UnidentifiedImageError")

@@ -37,18 +37,18 @@ def test_read_names_the_commit_and_a_changed_tracked_file(tmp_path, monkeypatch)
     repo = tmp_path / "repo"
     repo.mkdir()
     monkeypatch.setattr(version, "ROOT", repo)
-    assert version.read()["commit"] is None and version.read()["dirty"] is None     # not a checkout
+    assert version.read_version()["commit"] is None and version.read_version()["dirty"] is None     # not a checkout
     git(repo, "init", "-q")
     (repo / "a.py").write_text("x = 1\n")
     git(repo, "add", "a.py")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     sha = git(repo, "rev-parse", "HEAD").strip()
-    assert version.read() == {"commit": sha, "dirty": False, "version": metadata.version("and_dist")}
+    assert version.read_version() == {"commit": sha, "dirty": False, "version": metadata.version("and_dist")}
     (repo / "new.txt").write_text("untracked\n")           # run outputs beside the code: not dirty
-    assert version.read()["dirty"] is False
+    assert version.read_version()["dirty"] is False
     (repo / "a.py").write_text("x = 2\n")
-    assert version.read()["dirty"] is True
-    assert version.describe(version.read()) == f"commit {sha[:12]} (dirty), and_dist {metadata.version('and_dist')}"
+    assert version.read_version()["dirty"] is True
+    assert version.describe_version(version.read_version()) == f"commit {sha[:12]} (dirty), and_dist {metadata.version('and_dist')}"
 
 
 @pytest.mark.slow
@@ -59,7 +59,7 @@ def test_every_record_of_a_run_names_its_code(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run,) = rundir.runs_of(tmp_path / "v")
-    assert f"code {version.describe(want)}" in proc.stdout
+    assert f"code {version.describe_version(want)}" in proc.stdout
     assert yaml.safe_load((run / "config.yaml").read_text())["code"] == want
     assert load_config(str(run / "config.yaml"), []).curriculum.rounds == 1     # still a loadable config
     assert json.loads((run / "summary.json").read_text())["code"] == want
@@ -84,7 +84,7 @@ def test_compare_shows_the_code_of_its_runs(tmp_path):
                            "log.wandb_mode=disabled"],
                           cwd=REPO, env=RUN_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    line = f"Code: {version.describe(expected())} (every run)."
+    line = f"Code: {version.describe_version(expected())} (every run)."
     assert line in proc.stdout and line in (tmp_path / "c" / "compare.md").read_text()
     runs = json.loads((tmp_path / "c" / "compare.json").read_text())["runs"]
     assert [r["code"] for r in runs] == [expected()] * 3

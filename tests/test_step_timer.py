@@ -8,7 +8,7 @@ import torch
 
 from and_dist import train
 from and_dist.data.cached import CachedData
-from and_dist.run.step_timer import StepTimer, describe
+from and_dist.run.step_timer import StepTimer, describe_split
 
 
 def _slow(items, seconds):
@@ -26,9 +26,9 @@ def test_waits_and_compute_are_split_per_step():
     assert split["data_wait_ms"] >= 30 and split["compute_ms"] >= 10
     assert split["data_wait_ms"] + split["compute_ms"] == split["step_ms"]
     assert abs(split["data_wait_share"] - split["data_wait_ms"] / split["step_ms"]) < 1e-3
-    assert re.fullmatch(r"data wait \d+% \(\d+\.\d of \d+\.\d ms/step\)", describe(split))
+    assert re.fullmatch(r"data wait \d+% \(\d+\.\d of \d+\.\d ms/step\)", describe_split(split))
     empty = timer.split()                                  # nothing since the last split
-    assert all(v != v for v in empty.values()) and describe(empty) == "data wait -"
+    assert all(v != v for v in empty.values()) and describe_split(empty) == "data wait -"
 
 
 def _run(tmp_path, name, capsys, *extra):

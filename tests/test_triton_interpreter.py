@@ -7,7 +7,7 @@ saves the kernels' outputs; the tests here rebuild the (seeded) inputs, compute 
 compare.
 
 The interpreter multiplies bf16 wrong (it keeps bf16 as raw uint16 and np.matmul's the bit
-patterns), so both modules' HALF is swapped for float16: bf16x3 becomes fp16x3, which has the
+patterns), so both modules' half type (HALF_TL, HALF_DTYPE) is swapped for float16: bf16x3 becomes fp16x3, which has the
 same structure (hi + lo split, three products) and is, if anything, more accurate. Tolerances
 are set from that: tight enough that a wrong mask, a missing rescale or an off-by-one block
 fails by orders of magnitude.
@@ -61,8 +61,8 @@ def _run_kernels(out: str) -> None:
 
     for kernel in (fused_attention._attention_kernel, fused_discovery._discovery_kernel):
         assert isinstance(kernel, InterpretedFunction), "run with TRITON_INTERPRET=1 set before the import"
-    fused_attention.HALF = tl.float16
-    fused_discovery.HALF = torch.float16
+    fused_attention.HALF_TL = tl.float16
+    fused_discovery.HALF_DTYPE = torch.float16
     discovery.fused_available = lambda device: True      # let discover() take kernel=fused on CPU
 
     res = {"attention_module": fused_attention.__file__, "BLOCK_N": fused_attention.BLOCK_N}

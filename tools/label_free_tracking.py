@@ -11,21 +11,21 @@ of samples that pass each flag against those that do not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
+from and_dist.platform.log import read_events
+
 MEASURES = ("mutual_rate", "view_agreement", "round_stability")
 
 
 def units(run: Path) -> list[dict]:
     out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if e["event"] != "diagnostics" or e.get("decile1_consistency") is None:
+    for e in read_events(run, "diagnostics"):
+        if e.get("decile1_consistency") is None:
             continue
         for d in range(1, 11):
             out.append({"run": run.name, "round": e["round"], "consistency": e[f"decile{d}_consistency"],

@@ -24,7 +24,7 @@ from and_dist.config import load_config  # noqa: E402
 from and_dist.platform import dist  # noqa: E402
 from and_dist.run import rundir  # noqa: E402
 from and_dist.run.stop import Stop  # noqa: E402
-from and_dist.train import build  # noqa: E402
+from and_dist.train import build_trainer  # noqa: E402
 
 
 def drop(seed: int, folder: str) -> float:
@@ -32,7 +32,7 @@ def drop(seed: int, folder: str) -> float:
     cfg = load_config("demo", overrides)
     run, _ = rundir.choose(cfg.out_dir, cfg.name, cfg.run_dir, "")
     with Stop() as stop:
-        trainer = build(cfg, dist.init("cpu"), run, None, stop)
+        trainer = build_trainer(cfg, dist.init("cpu"), run, None, stop)
         initial = copy.deepcopy(trainer.model)
         try:
             trainer.run()

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from and_dist.platform.errors import EXIT_USER_ERROR, UserError
+from and_dist.platform.log import read_events
 from and_dist.platform.plots import compare_chart
 
 
@@ -39,17 +40,8 @@ def round_rows(run: Path) -> list[dict]:
         except (json.JSONDecodeError, AttributeError) as e:
             raise UserError(f"{summary} is not a run summary ({e})") from None
         by_round.update((r["round"], r) for r in rows)
-    diagnostics = {}
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:        # a line being written right now
-                continue
-            if isinstance(row, dict) and row.get("event") == "round":
-                by_round[row["round"]] = row
-            elif isinstance(row, dict) and row.get("event") == "diagnostics":
-                diagnostics[row["round"]] = {k: row.get(k) for k in DIAGNOSTIC_KEYS}
+    by_round.update((e["round"], e) for e in read_events(run, "round"))
+    diagnostics = {e["round"]: {k: e.get(k) for k in DIAGNOSTIC_KEYS} for e in read_events(run, "diagnostics")}
     return [{**by_round[r], **diagnostics.get(r, {})} for r in sorted(by_round)]
 
 

@@ -30,7 +30,7 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
     from .augment import resize_uint8
     from .base import ImageSet
     from .cached import load_imagefolder, load_pack_split
-    from .sources.layout import resolve
+    from .sources.layout import resolve_layout
     from .sources.official import load_official
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; valid: {', '.join(SOURCES)}")
@@ -47,7 +47,7 @@ def load_datasets(source: str, root: str, image_size: int, cache_dir: str | None
                                  lambda _, lg: list_images(root, lg))
         sets = (train, empty_set(image_size))
     elif source == "imagefolder":
-        layout = resolve(root, data_config)
+        layout = resolve_layout(root, data_config)
         sets = tuple(load_imagefolder(root, split, layout.classes, image_size, cache_dir, workers, log, progress,
                                       layout.listing) for split in ("train", layout.test))
     else:
@@ -65,7 +65,7 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
     """The streaming data interface (data.loader dali or torch) over an ImageFolder tree (the
     checked file lists of train and test, index.py, cached) or a pack, decoded per step. `verify`: stat
     every file against the cached list (rank 0 does; the others read what it just checked)."""
-    from .sources.layout import resolve
+    from .sources.layout import resolve_layout
     d = cfg.data
     if d.loader == "dali":
         try:
@@ -89,7 +89,7 @@ def load_streamed(cfg, env, cache_dir: str | None, log=print, progress: bool = T
             raise UserError(f"data.root '{d.root}': every image is unreadable ({len(train.skipped)} skipped, "
                             f"e.g. {train.skipped[0][0]}: {train.skipped[0][1]})")
         return Loader(train, empty_index(d.root), cfg, env)
-    layout = resolve(d.root, d)
+    layout = resolve_layout(d.root, d)
     train, test = (load_index(d.root, split, layout.classes, cache_dir, d.workers, log, progress, verify,
                               layout.listing, layout.key(split)) for split in ("train", layout.test))
     for split, index in (("train", train), ("test", test)):

@@ -19,7 +19,7 @@ from PIL import Image
 from ..platform import files
 from ..platform.log import progress_bar
 from .augment import TestTransform, TrainAugment, resize_center_crop, to_device
-from .base import Batch, ImageSet, SplitInfo
+from .base import Batch, ImageSet
 from .sources.folder import file_stamp, list_split, to_rgb
 from .prefetch import prefetch
 from .sampler import augment_generator, global_batches, rank_slice

@@ -30,7 +30,7 @@ from .stream import StepPlan, StreamData
 DALI_FORMATS = ("JPEG", "PNG")   # fed as they are; anything else is transcoded to PNG first
 
 
-def encoded(index: FileIndex, i: int) -> np.ndarray:
+def sample_bytes(index: FileIndex, i: int) -> np.ndarray:
     """The bytes of sample i as DALI's decoder gets them (index: a file index or a pack split)."""
     if index.format_of(i) in DALI_FORMATS:
         return np.frombuffer(index.read(i), dtype=np.uint8)
@@ -113,7 +113,7 @@ class DaliData(StreamData):
 
     def _decode_train(self, plans: Iterator[StepPlan]) -> Iterator[tuple[StepPlan, torch.Tensor]]:
         index, pending = self.index["train"], deque()      # plans handed to the decoder, in order
-        jobs = ((plan, [lambda i=i: encoded(index, i) for i in plan.mine.tolist()]) for plan in plans)
+        jobs = ((plan, [lambda i=i: sample_bytes(index, i) for i in plan.mine.tolist()]) for plan in plans)
 
         def feed():
             for plan, data in read_ahead(jobs, self.workers):
@@ -127,5 +127,5 @@ class DaliData(StreamData):
             yield pending.popleft(), images
 
     def _decode_eval(self, index: FileIndex, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
-        jobs = ((None, [lambda i=i: encoded(index, i) for i in c]) for c in chunks if c)
+        jobs = ((None, [lambda i=i: sample_bytes(index, i) for i in c]) for c in chunks if c)
         yield from self._run(False, (data for _, data in read_ahead(jobs, self.workers)))

@@ -8,7 +8,8 @@ import torch
 
 from ..platform.errors import UserError
 from ..run import checkpoint, rundir
-from ..config import Config, config_from_dict
+from ..run.contents import RunState
+from ..config import Config
 from ..models import build_model
 
 
@@ -16,15 +17,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     """(model in eval mode, the run's config, the checkpoint directory) from a checkpoint directory
     (e.g. RUN/checkpoints/latest) or a run directory."""
     ckpt = checkpoint.resolve(Path(path))
-    state = checkpoint.read_state(ckpt)
-    cfg = config_from_dict(state["config"]["config"])
+    saved = RunState(ckpt)
+    cfg = saved.config()
     model = build_model(cfg.model.arch, cfg.model.low_dim, cfg.data.image_size)
-    weights = {k.removeprefix("module."): v for k, v in state["model"].items()}
-    model.load_state_dict(weights)
+    model.load_state_dict(saved.weights)
     return model.to(device).eval(), cfg, ckpt
 
 
-def resolve(text: str, flag: str = "--checkpoint") -> tuple[Path | None, Path | None, str]:
+def resolve_trained(text: str, flag: str = "--checkpoint") -> tuple[Path | None, Path | None, str]:
     """(checkpoint directory, weights file, what was chosen) for `evaluate --checkpoint PATH`,
     `export` and `init_from=PATH` (`flag` names it in the errors)."""
     path = Path(text).expanduser().absolute()

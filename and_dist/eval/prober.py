@@ -1,5 +1,6 @@
-"""Training and scoring the linear probes of a frozen model (the `Prober` loop); the command-line
-entry point is and_dist/probe.py, and training calls `run_probes` when `probe.after_train` is set."""
+"""Training and scoring the linear probes of a frozen model (the `Prober` loop). `run_probes` is the
+one way in: `evaluate probe` calls it (and probe.py, which is `evaluate probe` kept in the run), and
+training calls it when `probe.after_train` is set."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..run import checkpoint
+from ..run.contents import RunState
 from ..platform import dist, files
 from ..config import Config
 from ..data import build_data
@@ -20,7 +22,7 @@ from ..platform.errors import UserError
 from ..platform.log import RunLog, fmt
 from ..run.loop import EpochDone, Loop, StopPoint, step_lr
 from ..run.stop import Stop
-from .probes import ProbeHeads, ProbeProgress, Taps, evaluate
+from .probes import ProbeHeads, ProbeProgress, Taps, score_heads
 
 
 # probe settings that must not change between a probe checkpoint and the run continuing it
@@ -103,15 +105,12 @@ class Prober(Loop):
         if ckpt is None:
             self.log.info(f"probes: fresh start; layers {', '.join(f'{n} ({d})' for n, d in self.taps.dims.items())}")
             return
-        state = checkpoint.read_state(ckpt)
-        have = state["progress"]["source"]
+        have = RunState(ckpt).progress["source"]
         for key, value in self.progress.source.items():      # before any owner takes a state
             if have.get(key) != value:
                 raise UserError(f"{ckpt} holds probes with {key}={have.get(key)!r}, this run asks for "
                                 f"{value!r}; use the same setting or remove {self.out / 'probes'} to probe again")
-        for key, owner in self.checkpoint_owners().items():
-            if key in state:                                  # "log" is missing in older ones
-                owner.load_state_dict(state[key])
+        checkpoint.load(ckpt, self.checkpoint_owners())      # "log" is missing in older ones: it stays fresh
         p = self.progress
         self.log.info(f"probes: resuming {ckpt} at epoch {p.epoch} step {p.step}")
 
@@ -160,7 +159,7 @@ class Prober(Loop):
         p.loss = [0.0] * len(p.loss)
         ten = self.protocol.ten_crop and epoch + 1 == self.protocol.epochs
         bar = self.log.bar(len(self.data.test) // env.world, "probe test")
-        scores = evaluate(self.heads, self.taps, self.data, env, ten, self.autocast, bar)
+        scores = score_heads(self.heads, self.taps, self.data, env, ten, self.autocast, bar)
         bar.close()
         lr = self.lr_at(epoch)
         row = {"epoch": epoch, "lr": lr, "crop": "ten" if ten else "centre",

@@ -188,7 +188,7 @@ def ten_crops(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(heads: nn.Module, taps: Taps, data, env, ten_crop: bool = False, autocast: bool = False,
+def score_heads(heads: nn.Module, taps: Taps, data, env, ten_crop: bool = False, autocast: bool = False,
              bar=None) -> list[tuple[float, float]]:
     """(top-1, top-5) % per head on the test split: each rank scores its shard, counts are summed.
     With `ten_crop` the softmax is averaged over ten crops per image. `heads` is the plain module,

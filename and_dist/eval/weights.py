@@ -36,7 +36,7 @@ class Loaded:
     has_head: bool = True
 
 
-def read(path: Path) -> object:
+def load_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
@@ -122,7 +122,7 @@ def match(sd: dict, low_dim: int, image_size: int, archs=ARCHS) -> tuple[str, di
                     f"wrong shape {_short(shape)}")
 
 
-def build(arch: str, src: dict, low_dim: int, image_size: int) -> tuple[EmbeddingNet, bool]:
+def model_from_state(arch: str, src: dict, low_dim: int, image_size: int) -> tuple[EmbeddingNet, bool]:
     """Our model with `src` loaded (strict on the trunk); (model, whether it kept a head)."""
     model = build_model(arch, low_dim, image_size)
     trunk = {k.removeprefix("backbone."): v for k, v in src.items() if k.startswith("backbone.")}
@@ -139,7 +139,7 @@ def build(arch: str, src: dict, low_dim: int, image_size: int) -> tuple[Embeddin
 
 def load_weights(path: Path, low_dim: int, image_size: int) -> Loaded:
     """Recognise and load a weights file; UserError (one line) when nothing fits."""
-    obj = read(path)
+    obj = load_file(path)
     sd, where = find_state_dict(obj)
     if sd is None:
         top = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
@@ -149,7 +149,7 @@ def load_weights(path: Path, low_dim: int, image_size: int) -> Loaded:
         arch, src = match(sd, low_dim, image_size)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    model, has_head = build(arch, src, low_dim, image_size)
+    model, has_head = model_from_state(arch, src, low_dim, image_size)
     bank, released = None, isinstance(obj, dict) and "net" in obj and isinstance(obj.get("npc"), dict)
     if released and isinstance(obj["npc"].get("memory"), torch.Tensor) and obj["npc"]["memory"].dim() == 2:
         bank = obj["npc"]["memory"].float()
@@ -165,21 +165,3 @@ def load_weights(path: Path, low_dim: int, image_size: int) -> Loaded:
     what = (f"recognised {kind} as {arch}{' (DataParallel names)' if wrapped else ''}: "
             f"{sum(k.startswith('backbone.') for k in src)} trunk tensors, {head}{extra}")
     return Loaded(model, arch, what, bank, has_head)
-
-
-def run_bank_rows(ckpt: Path, n: int, lo: int, hi: int) -> torch.Tensor | None:
-    """Rows [lo, hi) of one of our runs' memory bank, from the checkpoint's saved slices."""
-    parts = sorted(Path(ckpt).glob("bank-*.pt"))
-    if not parts:
-        return None
-    rows = None
-    for f in parts:
-        part = torch.load(f, map_location="cpu", weights_only=True)
-        if part["n"] != n:
-            raise UserError(f"{ckpt}: the memory bank has {part['n']} rows, the data {n} samples")
-        if rows is None:
-            rows = torch.zeros(hi - lo, part["rows"].shape[1], dtype=part["rows"].dtype)
-        a, b = max(part["lo"], lo), min(part["lo"] + len(part["rows"]), hi)
-        if a < b:
-            rows[a - lo: b - lo] = part["rows"][a - part["lo"]: b - part["lo"]]
-    return rows

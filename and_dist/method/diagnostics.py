@@ -37,7 +37,7 @@ def by_entropy_bins(entropy: torch.Tensor, values: torch.Tensor, bins: int = 10)
     ranked = values[entropy_order(entropy)]
     n = len(ranked)
     edges = [b * n // bins for b in range(bins + 1)]
-    return [_mean(ranked[lo:hi]) for lo, hi in zip(edges, edges[1:])]
+    return [mean_or_none(ranked[lo:hi]) for lo, hi in zip(edges, edges[1:])]
 
 
 def chance(labels: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ def chance(labels: torch.Tensor) -> float:
     return ((counts * (counts - 1)).sum() / (n * (n - 1))).item()
 
 
-def _mean(x: torch.Tensor) -> float | None:
+def mean_or_none(x: torch.Tensor) -> float | None:
     x = x[~torch.isnan(x)]
     return x.mean().item() if len(x) else None
 
@@ -80,4 +80,5 @@ def diagnose(entropy: torch.Tensor, neighbours: torch.Tensor, anchor: torch.Tens
     labels = labels.cpu()
     per = sample_consistency(neighbours, labels)
     return Diagnosis(per, entropy_order(entropy), by_entropy_bins(entropy, per, bins),
-                     _mean(per[anchor]), _mean(per[~anchor]), _mean(per), chance(labels), int(anchor.sum()))
+                     mean_or_none(per[anchor]), mean_or_none(per[~anchor]), mean_or_none(per), chance(labels),
+                     int(anchor.sum()))

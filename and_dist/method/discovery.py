@@ -22,7 +22,6 @@ import torch
 import torch.distributed as tdist
 
 from ..platform import dist, memory
-from ..platform.errors import UserError
 from .kernels.attention import attention_entropy, triton_available
 from .bank import ShardedBank
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..platform import dist
-from .diagnostics import _mean, by_entropy_bins
+from .diagnostics import mean_or_none, by_entropy_bins
 
 MEASURES = ("mutual_rate", "view_agreement", "round_stability")
 VIEW_CHUNK = 128      # samples a view draw and a forward pass cover
@@ -91,9 +91,9 @@ class LabelFree:
         """Flat metrics: each measure over all rows, anchors, the rest and by entropy decile."""
         out = {"view_sample": self.sample_size}
         for name, values in self.per_sample.items():
-            out[name] = _mean(values)
-            out[f"anchor_{name}"] = _mean(values[anchor])
-            out[f"rest_{name}"] = _mean(values[~anchor])
+            out[name] = mean_or_none(values)
+            out[f"anchor_{name}"] = mean_or_none(values[anchor])
+            out[f"rest_{name}"] = mean_or_none(values[~anchor])
             out.update({f"decile{d + 1}_{name}": v for d, v in enumerate(by_entropy_bins(entropy, values, bins))})
             out[f"{name}_seconds"] = self.seconds.get(name)
         return out

@@ -53,7 +53,7 @@ def positive_terms(pos: torch.Tensor, cols: torch.Tensor, mine: torch.Tensor, ro
     return pos_lse, torch.einsum("bk,bkd->bd", q, rows[cols])
 
 
-def _empty_terms(queries: torch.Tensor, positives: torch.Tensor) -> ShardTerms:
+def empty_terms(queries: torch.Tensor, positives: torch.Tensor) -> ShardTerms:
     gb, d = queries.shape
     neg = torch.full((gb,), float("-inf"), device=queries.device, dtype=queries.dtype)
     zeros = torch.zeros(gb, d, device=queries.device, dtype=queries.dtype)
@@ -64,7 +64,7 @@ def shard_terms(queries: torch.Tensor, rows: torch.Tensor, lo: int, positives: t
                 temperature: float) -> ShardTerms:
     """Exact reference: one (GB x shard) logit block, reused in place."""
     if len(rows) == 0:
-        return _empty_terms(queries, positives)
+        return empty_terms(queries, positives)
     logits = torch.matmul(queries, rows.T).div_(temperature)
     pos, cols, mine = positive_logits(logits, rows, lo, positives, temperature, from_logits=True)
     pos_lse, pos_out = positive_terms(pos, cols, mine, rows)

@@ -59,7 +59,7 @@ def init(device: str = "auto", timeout: float = 600) -> Env:
         torch.cuda.set_device(dev)
     if where.world > 1 and not dist.is_initialized():
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = where.master_addr, str(where.master_port)
-        flight.configure(use_cuda)
+        flight.record_collectives(use_cuda)
         try:
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=where.rank, world_size=where.world,
                                     device_id=dev if use_cuda else None,

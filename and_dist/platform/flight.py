@@ -12,10 +12,10 @@ import pickle
 from pathlib import Path
 
 BUFFER = "20000"                     # entries per rank (torchtitan's default)
-PREFIX = "TORCH_FR_DUMP_TEMP_FILE"   # NCCL's dump file prefix (the rank number is appended)
+DUMP_PREFIX_VARIABLE = "TORCH_FR_DUMP_TEMP_FILE"   # NCCL's dump file prefix (the rank number is appended)
 
 
-def configure(nccl: bool) -> None:
+def record_collectives(nccl: bool) -> None:
     """Before the process group exists: record collectives; on NCCL, dump them on a timeout.
     Settings already in the environment win."""
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", BUFFER)
@@ -27,12 +27,12 @@ def place(run_dir: Path) -> None:
     """Dumps go into this run's comm_traces/ (once the run directory is known)."""
     folder = Path(run_dir) / "comm_traces"
     folder.mkdir(exist_ok=True)
-    os.environ[PREFIX] = str(folder / "rank_")
+    os.environ[DUMP_PREFIX_VARIABLE] = str(folder / "rank_")
 
 
 def dump(rank: int, world: int) -> Path | None:
     """Write this rank's trace where NCCL would; the folder, or None when there is none to write."""
-    prefix = os.environ.get(PREFIX)
+    prefix = os.environ.get(DUMP_PREFIX_VARIABLE)
     if not prefix or "TORCH_FR_BUFFER_SIZE" not in os.environ:
         return None
     try:

@@ -63,6 +63,23 @@ def fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_events(run_dir: Path, *kinds: str) -> list[dict]:
+    """The run's metrics.jsonl events, in order (of `kinds` only, when given); none before the file
+    exists. A line still being written (a run in progress) is left out."""
+    path, out = Path(run_dir) / METRICS_FILE, []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(e, dict) and (not kinds or e.get("event") in kinds):
+            out.append(e)
+    return out
+
+
 class RunLog:
     """Everything a run reports; a checkpoint owner (metrics lines written, wandb run id).
     Non-zero ranks get a silent instance."""
@@ -73,7 +90,7 @@ class RunLog:
         self.enabled = enabled
         self.tty = enabled and progress and sys.stderr.isatty()
         self.dir = run_dir
-        self.metrics_path = run_dir / "metrics.jsonl" if (enabled and run_dir) else None
+        self.metrics_path = run_dir / METRICS_FILE if (enabled and run_dir) else None
         self.wandb_args = (wandb_mode, wandb_project, wandb_entity, config, name)
         self.wandb_id = uuid.uuid4().hex[:8]      # a fresh run's; a resumed run loads its own
         self.wandb = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import sys
 import textwrap
 from pathlib import Path

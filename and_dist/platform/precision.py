@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 
-def resolve(precision: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """auto -> bf16 on CUDA, fp32 elsewhere and for float64 runs (bit-stable checks)."""
     if precision == "auto":
         return "bf16" if torch.device(device).type == "cuda" and dtype == torch.float32 else "fp32"
@@ -60,7 +60,7 @@ def set_layout(model: nn.Module, device: torch.device) -> bool:
 def wrap(net: nn.Module, device: torch.device, precision: str, channels_last: bool,
          compile_model: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The trainer's forward for `net` (the model or its DDP wrapper), compiled if asked."""
-    forward = DeviceForward(net, resolve(precision, device, dtype), channels_last, torch.device(device))
+    forward = DeviceForward(net, resolve_precision(precision, device, dtype), channels_last, torch.device(device))
     # static shapes: the last, smaller batch gets its own graph instead of turning the
     # steady-state one dynamic
     return torch.compile(forward, dynamic=False) if compile_model else forward

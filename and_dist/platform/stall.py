@@ -29,7 +29,7 @@ from datetime import timedelta
 
 import torch.distributed as tdist
 
-PREFIX = "and_dist/heartbeat/"
+HEARTBEAT_KEY = "and_dist/heartbeat/"
 HOST = socket.gethostname()
 FAILED_WAIT = re.compile(r"gloo|NCCL|[Tt]imed out|[Tt]imeout|pair closure|Connection (closed|reset)")
 TORCH_DIST = (f"{os.sep}torch{os.sep}distributed{os.sep}", f"{os.sep}torch{os.sep}nn{os.sep}parallel{os.sep}")
@@ -67,7 +67,7 @@ class Heartbeat:
     def beat(self) -> None:
         self.count += 1
         op = Waits.op
-        self.store.set(f"{PREFIX}{self.rank}", json.dumps(
+        self.store.set(f"{HEARTBEAT_KEY}{self.rank}", json.dumps(
             {"n": self.count, "op": op, "host": HOST, "pid": os.getpid(), "started": self.started}))
 
     def _run(self) -> None:
@@ -80,7 +80,7 @@ class Heartbeat:
     def _read(self) -> dict:
         out = {}
         for r in range(self.world):
-            key = f"{PREFIX}{r}"
+            key = f"{HEARTBEAT_KEY}{r}"
             out[r] = json.loads(self.store.get(key)) if self.store.check([key]) else None
         return out
 

@@ -79,7 +79,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def describe(value) -> str:
+def describe_value(value) -> str:
     if value is None:
         return "null"
     text = repr(value)
@@ -105,7 +105,7 @@ def _coerce(path: str, tp, value):
         return float(value)
     elif type(value) is tp:
         return value
-    raise ConfigError(f"config key '{path}' expects {_type_name(tp)}, got {describe(value)}")
+    raise ConfigError(f"config key '{path}' expects {_type_name(tp)}, got {describe_value(value)}")
 
 
 def _unknown_key(obj, path: str) -> ConfigError:
@@ -130,7 +130,7 @@ def _assign(obj, name: str, value, path: str) -> None:
     if is_dataclass(current):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{path}' is a section and expects a mapping, "
-                              f"got {describe(value)}")
+                              f"got {describe_value(value)}")
         merge(current, value, path)
     else:
         setattr(obj, name, _coerce(path, _hints(type(obj))[name], value))

@@ -24,7 +24,7 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def read() -> dict:
+def read_version() -> dict:
     """{"commit": sha or None (not a git checkout), "dirty": whether tracked files differ from
     the commit (untracked files do not count), "version": the installed package's version}."""
     try:
@@ -39,13 +39,13 @@ def read() -> dict:
 
 @functools.cache
 def code_version() -> dict:
-    """This process's code version (AND_CODE_VERSION when set, else `read()`), read once."""
+    """This process's code version (AND_CODE_VERSION when set, else `read_version()`), read once."""
     if os.environ.get(ENV):
         return json.loads(os.environ[ENV])
-    return read()
+    return read_version()
 
 
-def describe(v: dict) -> str:
+def describe_version(v: dict) -> str:
     """One line: `commit 1a2b3c4d5e6f (dirty), and_dist 0.1.0`."""
     where = "no git commit" if not v.get("commit") else \
         f"commit {v['commit'][:12]}" + (" (dirty)" if v.get("dirty") else "")

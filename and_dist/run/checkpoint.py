@@ -260,15 +260,19 @@ def read_state(path: Path) -> dict:
     return torch.load(path / STATE, map_location="cpu", weights_only=True)
 
 
+def sharded_parts(path: Path, key: str) -> list[Path]:
+    """The files sharded owner `key` saved in checkpoint `path` (one per rank), as its manifest lists them."""
+    listed = json.loads((path / MANIFEST).read_text())["files"]
+    return [path / n for n in sorted(listed) if n.startswith(f"{key}-") and n.endswith(".pt")]
+
+
 def load(path: Path, owners: dict) -> None:
     """Restore every owner that the checkpoint holds; owners it lacks keep their state. The
     sharded parts are the ones its manifest lists (`resolve`/`find_latest` verified them)."""
     state = read_state(path)
-    listed = json.loads((path / MANIFEST).read_text())["files"]
     for key, owner in owners.items():
         if getattr(owner, "sharded", False):
-            names = sorted(n for n in listed if n.startswith(f"{key}-") and n.endswith(".pt"))
-            parts = (torch.load(path / n, map_location="cpu", weights_only=True, mmap=True) for n in names)
+            parts = (torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in sharded_parts(path, key))
             owner.load_state_dict(parts)
         elif key in state:
             owner.load_state_dict(state[key])

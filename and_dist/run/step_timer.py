@@ -85,7 +85,7 @@ class StepTimer:
         del marks[:done]
 
 
-def describe(split: dict) -> str:
+def describe_split(split: dict) -> str:
     """The split for an epoch line."""
     if math.isnan(split["step_ms"]):
         return "data wait -"

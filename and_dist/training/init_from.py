@@ -19,7 +19,6 @@ continues it and init_from is no longer read.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,31 +43,29 @@ def _mismatch(key: str, theirs, ours) -> UserError:
                      f"use the source's {key} or another source")
 
 
-def read(cfg) -> Source:
+def read_source(cfg) -> Source:
     """The source `cfg.init_from` names, checked against cfg's model and image size."""
-    from ..config import config_from_dict, shape_differences
-    from ..eval.pretrained import resolve
-    from ..run import checkpoint
-    ckpt, weights, chosen = resolve(cfg.init_from, "init_from")
+    from ..config import shape_differences
+    from ..eval.pretrained import resolve_trained
+    from ..run.contents import RunState
+    ckpt, weights, chosen = resolve_trained(cfg.init_from, "init_from")
     if weights is not None:
         return _weights_file(cfg, weights)
-    state = checkpoint.read_state(ckpt)
-    src = config_from_dict(state["config"]["config"])
-    for key, theirs, ours in shape_differences(src, cfg):
+    saved = RunState(ckpt)
+    for key, theirs, ours in shape_differences(saved.config(), cfg):
         raise _mismatch(key, theirs, ours)
-    p = state["progress"]
+    p = saved.progress
     start = p["round"]
     if start >= cfg.curriculum.rounds:
         raise UserError(f"init_from: the source has finished round {start - 1}, and curriculum.rounds="
                         f"{cfg.curriculum.rounds} counts from its round 0: nothing is left to train; "
                         f"raise curriculum.rounds above {start}")
-    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())["files"]
-    bank = sorted(n for n in manifest if n.startswith("bank-") and n.endswith(".pt"))
-    n = torch.load(ckpt / bank[0], map_location="cpu", weights_only=True, mmap=True)["n"] if bank else None
+    n = saved.bank_rows()
+    bank = n is not None
     where = f"round {start}" + ("" if p["epoch"] == 0 and p["step"] == 0 else
                                 f" (from its epoch {p['epoch']} step {p['step']}: the round starts over)")
     return Source(f"{chosen}: weights{', memory bank' if bank else ''}, starting at {where}",
-                  {k.removeprefix("module."): v for k, v in state["model"].items()}, start,
+                  saved.weights, start,
                   [r for r in p["rounds"] if r["round"] < start], p["global_step"], ckpt if bank else None, n)
 
 

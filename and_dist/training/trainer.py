@@ -26,7 +26,7 @@ from ..platform.dist import Env
 from ..platform.log import RunLog, fmt
 from ..run.loop import EpochDone, Loop, StopPoint, cosine_lr, step_lr
 from ..run.profile import ProfileWindow
-from ..run.step_timer import describe
+from ..run.step_timer import describe_split
 from ..run.stop import Stop
 from .report import Report, round_table
 from .state import RNG, Progress, RunConfig
@@ -42,7 +42,7 @@ def lr_at(cfg, epoch: int) -> float:
 
 
 class Trainer(Loop):
-    """AND's rounds of epochs of steps over the components `train.build` wires."""
+    """AND's rounds of epochs of steps over the components `train.build_trainer` wires."""
     cfg: Config
     env: Env
     run_dir: Path | None
@@ -130,7 +130,7 @@ class Trainer(Loop):
         progress.epoch_loss = 0.0
         eta = done.eta(steps, cfg.train.epochs_per_round - progress.epoch - 1)
         self.log.info(f"round {progress.round} epoch {progress.epoch}: loss {loss:.4f} lr {lr:.4g} "
-                      f"{done.images_per_s:.0f} img/s, {describe(done.split)}, round ETA {eta / 60:.1f} min")
+                      f"{done.images_per_s:.0f} img/s, {describe_split(done.split)}, round ETA {eta / 60:.1f} min")
         self.log.event(event="epoch", round=progress.round, epoch=progress.epoch, step=progress.global_step,
                        loss=loss, lr=lr, seconds=done.seconds, images_per_s=done.images_per_s, **done.split)
         return done
@@ -166,7 +166,7 @@ class Trainer(Loop):
         return self.curriculum.consistency(self.data.train.labels) if labelled(self.data) else None
 
     def knn(self, train_feats=None) -> tuple[float | None, float | None]:
-        """kNN top-1/top-5 (%); (None, None) without labels (train.build said so once)."""
+        """kNN top-1/top-5 (%); (None, None) without labels (train.build_trainer said so once)."""
         if not labelled(self.data):
             return None, None
         e = self.cfg.eval

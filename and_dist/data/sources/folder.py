@@ -69,7 +69,7 @@ def tree_classes(root: str) -> tuple[list[str], str]:
     return classes, split
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -129,7 +129,7 @@ def _files_under(cdir: str, walk: TreeWalk) -> tuple[list[str], int]:
     images, others = [], 0
     for _, paths in walk(cdir):
         for path in paths:
-            if _is_image(os.path.basename(path)):
+            if is_image(os.path.basename(path)):
                 images.append(path)
             else:
                 others += 1
@@ -142,7 +142,7 @@ def list_split(root: str, split: str, classes: list[str], log=None) -> tuple[lis
     split_dir = os.path.join(root, split)
     found = class_folders(split_dir)
     if not found:
-        loose = [n for n in os.listdir(split_dir) if _is_image(n)]
+        loose = [n for n in os.listdir(split_dir) if is_image(n)]
         what = f"{len(loose)} images directly in it" if loose else "no class folders"
         raise UserError(f"{split_dir} has {what}: an ImageFolder split needs one sub-folder per class")
     if split != "train" and set(classes) - set(found):       # extra folders: a subset (data.classes)

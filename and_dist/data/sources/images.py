@@ -9,7 +9,7 @@ import hashlib
 import os
 
 from ...platform.errors import UserError
-from .folder import IMAGE_EXTENSIONS, TreeWalk, _is_image
+from .folder import IMAGE_EXTENSIONS, TreeWalk, is_image
 
 
 def list_images(root: str, log=None) -> tuple[list[str], list[int]]:
@@ -18,7 +18,7 @@ def list_images(root: str, log=None) -> tuple[list[str], list[int]]:
     images, others = [], 0
     for _, paths in TreeWalk(root, log)(root):
         for path in paths:
-            if _is_image(os.path.basename(path)):
+            if is_image(os.path.basename(path)):
                 images.append(path)
             else:
                 others += 1

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from ...platform.errors import UserError
-from .folder import _is_image, class_folders, file_stamp, list_split, test_split
+from .folder import is_image, class_folders, file_stamp, list_split, test_split
 from .labels import FORMATS, read_labels
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
 
 def find_file(path: str) -> str:
     """`path` as given (relative to the launch folder), else a file of that name in configs/
     (the shipped class lists); '' stays ''."""
     if not path or os.path.exists(os.path.expanduser(path)) or os.sep in path:
         return os.path.abspath(os.path.expanduser(path)) if path else ""
+    from ...config import CONFIG_DIR        # the shipped files' folder (config imports this package)
     shipped = CONFIG_DIR / path
     return str(shipped) if shipped.is_file() else os.path.abspath(path)
 
@@ -86,7 +83,7 @@ class Layout:
     def _flat(self, split_dir: str) -> tuple[list[str], list[int]]:
         labels, by_stem = read_labels(self.val_labels, self.train_classes, self.val_ids)
         label_of = {c: i for i, c in enumerate(self.classes)}
-        names = sorted(n for n in os.listdir(split_dir) if _is_image(n))
+        names = sorted(n for n in os.listdir(split_dir) if is_image(n))
         paths, found = [], set()
         for name in names:
             key = os.path.splitext(name)[0] if by_stem else name
@@ -105,7 +102,7 @@ class Layout:
         return [p for _, p in paths], [label for label, _ in paths]
 
 
-def resolve(root: str, d=None) -> Layout:
+def resolve_layout(root: str, d=None) -> Layout:
     """The layout of the tree at `root` under data config `d` (data.classes, data.val_labels,
     data.val_ids; None: all classes, class folders), checked: class folders, the subset's wnids,
     a flat evaluation folder and its label file."""
@@ -122,7 +119,7 @@ def resolve(root: str, d=None) -> Layout:
                             f"({folders[0]}, ...); leave data.val_labels empty")
         read_labels(layout.val_labels, train, layout.val_ids)          # its mistakes before any image is read
         return layout
-    if not folders and any(_is_image(n) for n in os.listdir(test_dir)):
+    if not folders and any(is_image(n) for n in os.listdir(test_dir)):
         raise UserError(f"{test_dir} holds images without class folders: set data.val_labels=FILE, "
                         f"{FORMATS}")
     if train and folders:

@@ -41,8 +41,7 @@ from . import PACK_MANIFEST
 
 FORMAT, VERSION = "and_dist pack", 2
 READS = (1, 2)                  # 1: before the .cls members and the wids index
-MANIFEST = PACK_MANIFEST
-SPLITS = ("train", "test")
+PACK_SPLITS = ("train", "test")
 HASH_BLOCK = 8 << 20
 
 
@@ -66,14 +65,14 @@ def wds_key(name: str) -> str:
 
 
 def read_manifest(root: str) -> dict:
-    path = os.path.join(root, MANIFEST)
+    path = os.path.join(root, PACK_MANIFEST)
     try:
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"pack {root}: {MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
+        raise UserError(f"pack {root}: {PACK_MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
     if m.get("format") != FORMAT or m.get("version") not in READS:
-        raise UserError(f"pack {root}: {MANIFEST} is not an and_dist pack of version {' or '.join(map(str, READS))} "
+        raise UserError(f"pack {root}: {PACK_MANIFEST} is not an and_dist pack of version {' or '.join(map(str, READS))} "
                         f"(format {m.get('format')!r}, version {m.get('version')!r}); make it again with "
                         "python -m and_dist.prepare SRC DST --pack")
     return m
@@ -169,9 +168,9 @@ class PackSplit:
         fields = (self.shard, self.offset, self.length, self.sizes, self.format_id)
         if any(len(a) != n for a in fields) or len(self.names) != n or \
                 n != sum(s["samples"] for s in self.shards):
-            raise UserError(f"{where} does not match {MANIFEST} (sample counts differ); make the pack again")
+            raise UserError(f"{where} does not match {PACK_MANIFEST} (sample counts differ); make the pack again")
         if n and (self.shard.min() < 0 or self.shard.max() >= len(self.shards)):
-            raise UserError(f"{where} names shards {MANIFEST} does not list; make the pack again")
+            raise UserError(f"{where} names shards {PACK_MANIFEST} does not list; make the pack again")
         ends = self.offset + self.length
         limits = np.asarray([s["bytes"] for s in self.shards], dtype=np.int64)[self.shard]
         if n and ((self.offset < 512).any() or (ends > limits).any()):
@@ -197,7 +196,7 @@ def check_shards(root: str, manifest: dict, cache_dir: str | None, workers: int,
     """Every shard is whole: its size (always) and its sha256 (once per shard file, remembered in
     cache_dir by path, size and mtime: hashing 140 GB at every start would cost minutes)."""
     todo = []
-    for split in SPLITS:
+    for split in PACK_SPLITS:
         for s in manifest["splits"][split]["shards"]:
             path = os.path.join(root, s["file"])
             try:
@@ -205,7 +204,7 @@ def check_shards(root: str, manifest: dict, cache_dir: str | None, workers: int,
             except OSError:
                 raise UserError(f"pack shard {path} is missing; restore it or make the pack again") from None
             if st.st_size != s["bytes"]:
-                raise UserError(f"pack shard {path} has {st.st_size} bytes, {MANIFEST} says {s['bytes']} "
+                raise UserError(f"pack shard {path} has {st.st_size} bytes, {PACK_MANIFEST} says {s['bytes']} "
                                 "(truncated or altered); restore it or make the pack again")
             stamp = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{s['sha256']}".encode())
             mark = os.path.join(cache_dir, f"pack-checked-{stamp.hexdigest()[:24]}") if cache_dir else None
@@ -220,7 +219,7 @@ def check_shards(root: str, manifest: dict, cache_dir: str | None, workers: int,
         for (path, want, mark), got in zip(todo, pool.map(sha256_of, [p for p, _, _ in todo])):
             bar.update()
             if got != want:
-                raise UserError(f"pack shard {path}: sha256 {got[:16]}... differs from {MANIFEST}'s {want[:16]}... "
+                raise UserError(f"pack shard {path}: sha256 {got[:16]}... differs from {PACK_MANIFEST}'s {want[:16]}... "
                                 "(altered or damaged); restore it or make the pack again")
             if mark:
                 os.makedirs(cache_dir, exist_ok=True)
@@ -232,16 +231,16 @@ def open_pack(root: str, cache_dir: str | None = None, workers: int = 2, log=pri
     """(train, test) of the pack at `root`, checked before any image is read (`verify`: the
     shards' sizes and checksums and the index against them; rank 0 does, the others trust it)."""
     manifest = read_manifest(root)
-    missing = [s for s in SPLITS if s not in manifest.get("splits", {})]
+    missing = [s for s in PACK_SPLITS if s not in manifest.get("splits", {})]
     if missing:
-        raise UserError(f"pack {root}: {MANIFEST} has no {' or '.join(missing)} split; make the pack again")
+        raise UserError(f"pack {root}: {PACK_MANIFEST} has no {' or '.join(missing)} split; make the pack again")
     if verify:
         check_shards(root, manifest, cache_dir, workers, log)
-    splits = tuple(PackSplit(root, split, manifest) for split in SPLITS)
+    splits = tuple(PackSplit(root, split, manifest) for split in PACK_SPLITS)
     for s in splits:
         if verify:
             s.check_index()
         if s.skipped:
             log(f"pack {root}: {len(s.skipped)} {s.split} image(s) were left out when it was made "
-                f"(unreadable; listed in {MANIFEST}), e.g. {s.skipped[0][0]}: {s.skipped[0][1]}")
+                f"(unreadable; listed in {PACK_MANIFEST}), e.g. {s.skipped[0][0]}: {s.skipped[0][1]}")
     return splits

@@ -14,17 +14,15 @@ image or a `.cls` label are left out and listed in pack.json.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
 import tarfile
 from multiprocessing import Pool
 
-from ...platform import files
 from ...platform.errors import UserError
 from ...platform.log import progress_bar
-from .pack import FORMAT, MANIFEST, VERSION, read_manifest, sha256_of, shard_name, wds_key
+from .pack import FORMAT, PACK_MANIFEST, VERSION, read_manifest, sha256_of, shard_name, wds_key
 from .pack_write import finish, write_index
 from .reencode import for_copy
 
@@ -118,7 +116,7 @@ def index_shards(src: str, dst: str, shards: dict, workers: int = 0, log=print, 
     """Make DST a pack of the WebDataset shards found in src (find_shards); returns counts."""
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     options = {"webdataset": src, "version": VERSION}
-    if os.path.isfile(os.path.join(dst, MANIFEST)):
+    if os.path.isfile(os.path.join(dst, PACK_MANIFEST)):
         manifest = read_manifest(dst)
         if manifest.get("made_with") != options:
             raise UserError(f"{dst} holds a pack made with {manifest.get('made_with')}; remove it to index {src}")

@@ -26,9 +26,9 @@ from ...platform import files
 from ...platform.errors import UserError
 from ...platform.log import progress_bar
 from ...run.stop import SIGNALS, finish_pool
-from .layout import resolve
-from .pack import FORMAT, MANIFEST, SPLITS, VERSION, index_name, read_manifest, shard_name, wds_key, wids_name
-from .reencode import encoded, for_copy
+from .layout import resolve_layout
+from .pack import FORMAT, PACK_MANIFEST, PACK_SPLITS, VERSION, index_name, read_manifest, shard_name, wds_key, wids_name
+from .reencode import for_copy, reencoded
 
 WORK = ".work"
 BLOCK = tarfile.BLOCKSIZE
@@ -49,7 +49,7 @@ def encode(job: tuple[int, str, int | None, int]) -> tuple[int, bytes | None, tu
         if out is None:
             with open(src, "rb") as f:
                 return ordinal, f.read(), hw, fmt, None
-        data, fmt = encoded(out, side, quality)
+        data, fmt = reencoded(out, side, quality)
         return ordinal, data, hw, fmt, None
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported and left out, never fatal
         return ordinal, None, (0, 0), "", f"{type(e).__name__}: {e}"
@@ -209,7 +209,7 @@ def write_pack(src: str, dst: str, side: int | None = None, quality: int = 90, w
     images = getattr(data_options, "source", "") == "images"
     if images:
         options["images"] = True          # (absent otherwise: packs made before keep their manifest)
-    if os.path.isfile(os.path.join(dst, MANIFEST)):
+    if os.path.isfile(os.path.join(dst, PACK_MANIFEST)):
         made = read_manifest(dst).get("made_with", {})
         if made != options:
             raise UserError(f"{dst} holds a finished pack made with {made}; remove it to make one with {options}")
@@ -229,13 +229,13 @@ def write_pack(src: str, dst: str, side: int | None = None, quality: int = 90, w
         from .images import list_images
         listings, folders, classes = {"train": list_images(src, log), "test": ([], [])}, {"train": ".", "test": "."}, []
     else:
-        layout = resolve(src, data_options)
+        layout = resolve_layout(src, data_options)
         listings = {"train": layout.listing("train", log), "test": layout.listing(layout.test, log)}
         folders, classes = {"train": "train", "test": layout.test}, layout.classes
     counts = {"kept": 0, "packed": 0, "skipped": 0}
     manifest = {"format": FORMAT, "version": VERSION, "classes": classes, "made_with": options, "splits": {}}
     with Pool(workers or os.cpu_count(), initializer=_encoder_start) as pool:
-        for split in SPLITS:
+        for split in PACK_SPLITS:
             paths, labels = listings[split]
             records = _write_split(src, dst, split, folders[split], paths, labels, side, quality, shard_bytes,
                                    pool, counts, log, progress)
@@ -283,4 +283,4 @@ def finish(dst: str, manifest: dict) -> None:
             write_dali_index(os.path.join(dst, shard["file"]))
     sums = "".join(f"{s['sha256']}  {s['file']}\n" for e in manifest["splits"].values() for s in e["shards"])
     files.write_text(os.path.join(dst, "SHA256SUMS"), sums)
-    files.write_text(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1))
+    files.write_text(os.path.join(dst, PACK_MANIFEST), json.dumps(manifest, indent=1))

@@ -36,7 +36,7 @@ def for_copy(src: str, side: int | None) -> tuple[Image.Image | None, str, tuple
     return out, fmt, (out.size[1], out.size[0])
 
 
-def encoded(out: Image.Image, side: int | None, quality: int) -> tuple[bytes, str]:
+def reencoded(out: Image.Image, side: int | None, quality: int) -> tuple[bytes, str]:
     """A re-encoded image: JPEG when resizing (as the tree copy), else lossless PNG (a format DALI
     reads, the same pixels as the original)."""
     buf = io.BytesIO()

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..loss import ShardTerms, _empty_terms, positive_logits, positive_terms, shard_terms
+from ..loss import ShardTerms, empty_terms, positive_logits, positive_terms, shard_terms
 
 MIN_BLOCK = {"cuda": 1024, "cpu": 8192}   # keys per block; below this a block is all overhead
 
@@ -104,7 +104,7 @@ def shard_terms_attention(queries: torch.Tensor, rows: torch.Tensor, lo: int, po
     """`loss.shard_terms` with the normaliser and weighted mean from a fused attention kernel;
     the positives' part (a handful per query) is the shared exact code."""
     if len(rows) == 0:
-        return _empty_terms(queries, positives)
+        return empty_terms(queries, positives)
     if not supported(rows.device, rows.dtype):
         return shard_terms(queries, rows, lo, positives, temperature)
     lse, out = attention_lse_out(queries.to(rows.dtype), rows, 1.0 / temperature, impl=impl)

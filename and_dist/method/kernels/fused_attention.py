@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 BLOCK_M, BLOCK_N = 64, 64
-HALF = tl.bfloat16   # the tests swap in float16: Triton's CPU interpreter mis-multiplies bf16
+HALF_TL = tl.bfloat16   # the tests swap in float16: Triton's CPU interpreter mis-multiplies bf16
 
 
 @triton.jit
@@ -88,5 +88,5 @@ def lse_out(queries: torch.Tensor, rows: torch.Tensor, scale: float, splits: int
     out = torch.empty(splits, n_q, dim, device=dev)
     grid = (triton.cdiv(n_q, BLOCK_M), splits)
     _attention_kernel[grid](queries.float().contiguous(), rows.contiguous(), m, total, out, n_q, len(rows), per, scale,
-                            D=dim, BM=BLOCK_M, BN=BLOCK_N, HALF=HALF, OUT_X3=exact_out, num_warps=4, num_stages=2)
+                            D=dim, BM=BLOCK_M, BN=BLOCK_N, HALF=HALF_TL, OUT_X3=exact_out, num_warps=4, num_stages=2)
     return m + torch.log(total), out / total[..., None]

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-SPLITS = {"bf16": 0, "bf16x3": 1, "fp32": 2}
-HALF = torch.bfloat16   # the tests swap in float16: Triton's CPU interpreter mis-multiplies bf16
+PRECISION_SPLITS = {"bf16": 0, "bf16x3": 1, "fp32": 2}
+HALF_DTYPE = torch.bfloat16   # the tests swap in float16: Triton's CPU interpreter mis-multiplies bf16
 BLOCK_M, BLOCK_N = 128, 64
 
 
@@ -92,10 +92,10 @@ def split_rows(rows: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.
     (float32, None) for fp32."""
     if precision == "fp32":
         return rows.float().contiguous(), None
-    hi = rows.to(HALF).contiguous()
+    hi = rows.to(HALF_DTYPE).contiguous()
     if precision == "bf16":
         return hi, None
-    return hi, (rows.float() - hi.float()).to(HALF).contiguous()
+    return hi, (rows.float() - hi.float()).to(HALF_DTYPE).contiguous()
 
 
 def block_stats(q: tuple, keys: tuple, temperature: float, k: int, self_offset: int, k_global0: int,
@@ -116,6 +116,6 @@ def block_stats(q: tuple, keys: tuple, temperature: float, k: int, self_offset: 
     grid = (triton.cdiv(n_q, BLOCK_M),)
     _discovery_kernel[grid](qh, ql if ql is not None else qh, kh, kl if kl is not None else kh, s, t, top_v,
                             top_i, n_q, len(kh), self_offset, k_global0, math.log2(math.e) / temperature,
-                            D=dim, BM=BLOCK_M, BN=BLOCK_N, K=k, KP=kp, SPLIT=SPLITS[precision],
+                            D=dim, BM=BLOCK_M, BN=BLOCK_N, K=k, KP=kp, SPLIT=PRECISION_SPLITS[precision],
                             num_warps=8, num_stages=2)
     return s.double(), t.double() / temperature, top_v, top_i
