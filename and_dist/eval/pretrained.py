@@ -34,7 +34,7 @@ def resolve_trained(text: str, flag: str = "--checkpoint") -> tuple[Path | None,
         else:
             return None, path, f"weights file {path}"
     if not path.exists():
-        raise UserError(f"{flag} {path} does not exist")
+        raise UserError(f"{flag} {path} does not exist: no checkpoint or weights file there")
     try:
         ckpt = checkpoint.resolve(path)
         return ckpt, None, f"checkpoint {ckpt}"
