@@ -129,6 +129,24 @@ class Session:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def write_table(self, final: bool = False) -> Path:
+        """The markdown table of every row so far (rewritten after each part); `final` also prints it."""
+        name, path = device_name(self), self.out_file(".md")
+        lines = [f"# Device session {datetime.date.today().isoformat()}: {name}", "",
+                 f"- commit: `{commit(self.args.commit)}`", f"- device: {name}, torch {torch.__version__}"
+                 + (f", CUDA {torch.version.cuda}" if self.cuda else ""),
+                 f"- command: `{self.command}`",
+                 f"- wall: {time.time() - self.start:.0f} s of a {self.args.budget:.0f} s budget", "",
+                 "| part | check | result | status |", "|---|---|---|---|"]
+        lines += [f"| {p} | {c} | {r.replace('|', chr(92) + '|')} | {k} |" for p, c, r, k in self.rows]
+        path.write_text("\n".join(lines) + "\n")
+        if not final:
+            return path
+        width = max(len(c) for _, c, _, _ in self.rows)
+        print("\n" + "\n".join(f"{p}  {c:<{width}}  {k:<4}  {r}" for p, c, r, k in self.rows), flush=True)
+        print(f"table written to {path}", flush=True)
+        return path
+
     def timeout(self, part: str, check: str, t0: float) -> None:
         self.add(part, check, f"stopped: ran past its box after {time.time() - t0:.0f} s", TIMEOUT)
 
@@ -743,7 +761,7 @@ def part_e(s: Session) -> None:
         fresh(run)
     s.add("e", "fidelity run " + ("resumed" if resume else "started"),
           f"projected ~{need:.0f} s ({basis}) of {left:.0f} s left; run {run}", None)
-    write_table(s)
+    s.write_table()
     t0 = seen = time.time()
     deadline = s.start + s.args.budget - stop
     metrics = s.out_file("-fidelity-metrics.jsonl")
@@ -754,7 +772,7 @@ def part_e(s: Session) -> None:
             shutil.copyfile(run / "metrics.jsonl", metrics)
         s.add("e", "fidelity run so far", f"{len(_events(run, 'epoch'))} of {epochs} epochs after "
               f"{time.time() - t0:.0f} s, {knn_so_far(run)}; every epoch in {metrics.name}", None, live=True)
-        write_table(s)
+        s.write_table()
 
     with open(Path(s.args.work) / "fidelity.log", "a") as log:
         proc = subprocess.Popen([*args, *(["resume=auto"] if resume else [])], cwd=REPO, env=s.env(), text=True,
@@ -812,24 +830,6 @@ def commit(given: str) -> str:
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (pass --commit)"
-
-
-def write_table(s: Session, final: bool = False) -> Path:
-    """The markdown table of every row so far (rewritten after each part); `final` also prints it."""
-    name, path = device_name(s), s.out_file(".md")
-    lines = [f"# Device session {datetime.date.today().isoformat()}: {name}", "",
-             f"- commit: `{commit(s.args.commit)}`", f"- device: {name}, torch {torch.__version__}"
-             + (f", CUDA {torch.version.cuda}" if s.cuda else ""),
-             f"- command: `{s.command}`", f"- wall: {time.time() - s.start:.0f} s of a {s.args.budget:.0f} s budget", "",
-             "| part | check | result | status |", "|---|---|---|---|"]
-    lines += [f"| {p} | {c} | {r.replace('|', chr(92) + '|')} | {k} |" for p, c, r, k in s.rows]
-    path.write_text("\n".join(lines) + "\n")
-    if not final:
-        return path
-    width = max(len(c) for _, c, _, _ in s.rows)
-    print("\n" + "\n".join(f"{p}  {c:<{width}}  {k:<4}  {r}" for p, c, r, k in s.rows), flush=True)
-    print(f"table written to {path}", flush=True)
-    return path
 
 
 class Tee:
@@ -921,8 +921,8 @@ def run_parts(s: Session) -> int:
         if s.cuda:
             torch.cuda.empty_cache()       # what part d's discovery reserved is not held through e
         print(f"[{key}] {title}: {time.time() - t0:.0f} s", flush=True)
-        write_table(s)
-    write_table(s, final=True)
+        s.write_table()
+    s.write_table(final=True)
     return 1 if any(k == "FAIL" for *_, k in s.rows) else 0
 
 
