@@ -34,15 +34,18 @@ RETURN_BYTES = 16 * MiB  # the largest file that comes back from the output fold
 
 
 class Child:
-    """A child process whose output is read as it comes (a full pipe would block it), kept, and
-    echoed to this session's output (and so its log) if asked."""
+    """A child process of the session (the trainer, a part) run to a deadline or a stop condition,
+    then stopped: SIGTERM, a grace to exit in, kill. Its output is read as it comes (a full pipe
+    would block it), kept and echoed to this session's output (and so its log) if asked, or
+    written to `log`."""
 
-    def __init__(self, cmd: list[str], env: dict, echo: bool = False):
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+    def __init__(self, cmd: list[str], env: dict, echo: bool = False, log=None):
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=log or subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         self.lines, self.echo = [], echo
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self.reader = None if log else threading.Thread(target=self._read, daemon=True)
+        if self.reader:
+            self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -50,19 +53,35 @@ class Child:
             if self.echo:
                 print(line, end="", flush=True)
 
-    def wait(self, timeout: float) -> bool:
-        """True if it exited within `timeout` seconds."""
-        try:
-            self.proc.wait(timeout=max(timeout, 0.1))
-        except subprocess.TimeoutExpired:
-            return False
-        self.reader.join(5)
+    def wait(self, deadline: float, until=None, tick: float = 0.05) -> bool:
+        """True once it has exited; False when the time.time() `deadline` passes or `until()`,
+        asked every `tick` s while it runs, holds first."""
+        while self.proc.poll() is None:
+            if time.time() >= deadline or (until is not None and until()):
+                return False
+            time.sleep(tick)
+        if self.reader:
+            self.reader.join(5)
         return True
 
-    def kill(self) -> None:
+    def stop(self, grace: float) -> bool:
+        """SIGTERM, then `grace` seconds to exit (True if it did), then kill; grace 0 kills at once."""
+        if grace > 0:
+            self.proc.send_signal(signal.SIGTERM)
+        if self.wait(time.time() + grace):
+            return True
         self.proc.kill()
         self.proc.wait()
-        self.reader.join(5)
+        if self.reader:
+            self.reader.join(5)
+        return False
+
+    def run(self, deadline: float, grace: float, until=None, tick: float = 0.05) -> bool:
+        """Waits (see wait); True if it exited by itself, else it is stopped with `grace` (False)."""
+        if self.wait(deadline, until, tick):
+            return True
+        self.stop(grace)
+        return False
 
     @property
     def output(self) -> str:
@@ -220,22 +239,18 @@ def demo_stop_resume(s: Session) -> None:
                       "curriculum.rounds=2", "train.epochs_per_round=2", "checkpoint.every_epochs=1",
                       "eval.every_epochs=0", "log.progress=false", "log.wandb_mode=disabled", f"run_dir={run}")
     t0 = time.time()
+    by = t0 + (s.left() - 10) / 2     # the wait for the first checkpoint; the rest is for the stop and the resume
     child = Child(args, s.env())
     proc, first = child.proc, run / "checkpoints" / "latest"
-    while not first.exists() and proc.poll() is None and time.time() - t0 < s.left() - 10:
-        time.sleep(0.05)
-    if proc.poll() is None and not first.exists():
-        child.kill()
+    if not child.wait(by, until=first.exists) and not first.exists():
+        child.stop(0)
         s.timeout("b", "demo stopped by SIGTERM", t0)
         return
     if not first.exists():
-        child.wait(10)
         s.add("b", "demo stopped by SIGTERM", f"ended before its first checkpoint (exit {proc.returncode})", False)
         print(child.output[-3000:], flush=True)
         return
-    proc.send_signal(signal.SIGTERM)
-    if not child.wait(max(s.left(), 10)):
-        child.kill()
+    if not child.stop(max(s.left(), 10)):
         s.timeout("b", "demo stopped by SIGTERM", t0)
         return
     out = child.output
@@ -540,22 +555,18 @@ def part_e(s: Session) -> None:
               f"{time.time() - t0:.0f} s, {knn_so_far(run)}; every epoch in {metrics.name}", None, live=True)
         s.write_table()
 
+    def refresh() -> bool:
+        """Brings the progress back every REFRESH_S while the run goes on (never a reason to stop it)."""
+        nonlocal seen
+        if time.time() - seen >= REFRESH_S[s.cuda]:
+            bring_back()
+            seen = time.time()
+        return False
+
     with open(Path(s.args.work) / "fidelity.log", "a") as log:
-        proc = subprocess.Popen([*args, *(["resume=auto"] if resume else [])], cwd=REPO, env=s.env(), text=True,
-                                stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1 if q else 1.0)
-            if time.time() - seen >= REFRESH_S[s.cuda]:
-                bring_back()
-                seen = time.time()
-        stopped = proc.poll() is None
-        if stopped:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=2 * stop)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        child = Child([*args, *(["resume=auto"] if resume else [])], s.env(), log=log)
+        stopped = not child.run(deadline, 2 * stop, until=refresh, tick=0.1 if q else 1.0)
+    proc = child.proc
     bring_back()
     wall = time.time() - t0
     ok, figures = _epochs_summary(run)

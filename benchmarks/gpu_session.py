@@ -160,9 +160,7 @@ def in_child(s: Session, key: str, title: str) -> None:
            *(["--quick"] if s.args.quick else []), *(["--cifar", s.args.cifar] if s.args.cifar else [])]
     t0 = time.time()
     child = Child(cmd, s.env(), echo=True)
-    finished = child.wait(deadline + GRACE_S - time.time())
-    if not finished:
-        child.kill()
+    finished = child.run(deadline + GRACE_S, 0)
     got = json.loads(rows.read_text()) if rows.exists() else {"rows": [], "rates": []}
     s.rows += [tuple(r) for r in got["rows"]]
     s.rates.update({(arch, batch): rate for arch, batch, rate in got["rates"]})
