@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -339,9 +338,9 @@ def part_c(s: Session) -> None:
         what = f"{arch} {size} px batch {batch} {'torch loader' if root else 'in memory'}, compile {'on' if compile_ else 'off'}"
         if not s.fits("c", what, need[compile_] * (2 if size > 96 else 1)):
             continue
-        r = tt.run_case(arch, size, batch, 50_000 if not q else 256, s.args.device, "auto", compile_, 2,
-                        steps if not root or q else steps // 2, syncs=s.cuda, root=root,
-                        warmup=2 if q else 3, workers=0 if q else max(2, (os.cpu_count() or 4) - 2))
+        r = tt.run_case(arch, size, batch, n=50_000 if not q else 256, device=s.args.device, precision_="auto",
+                        compile_=compile_, prefetch=2, steps=steps if not root or q else steps // 2, syncs=s.cuda,
+                        root=root, warmup=2 if q else 3, workers=0 if q else max(2, (os.cpu_count() or 4) - 2))
         if not root and not compile_:
             s.rates[(arch, batch)] = r["trainer"]
         s.add("c", what,
@@ -366,8 +365,8 @@ def trace_case(s: Session, arch: str, size: int, batch: int) -> None:
     q, folder = s.args.quick, Path(s.args.work) / "profile"
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.time()
-    trainer, data, _, _, env = tt.build(arch, size, batch, 256 if q else 50_000, s.args.device, "auto", False,
-                                        workers=0)
+    trainer, data, _, _, env = tt.build(arch, size, batch, n=256 if q else 50_000, device=s.args.device,
+                                        precision_="auto", compile_=False, workers=0)
     window = ProfileWindow(2 if q else 10, folder, env.device, warmup=2 if q else 5, log=lambda *_: None)
     for b in tt.endless(data, 0):
         trainer.step(b)
@@ -390,9 +389,8 @@ def part_d(s: Session) -> None:
     q = s.args.quick
     n = 5_000 if q else FULL_N
     if s.fits("d", f"bank step N={n}", 5 if q else 20):
-        rows = bank_step.single(types.SimpleNamespace(
-            device=s.args.device, sizes=[n], steps=3 if q else 10, batch=64 if q else 256, dim=128,
-            released_max=0, threads=0, profile=False))
+        rows = bank_step.single(device=s.args.device, sizes=[n], steps=3 if q else 10, batch=64 if q else 256,
+                                dim=128, released_max=0)
         for r in rows:
             s.add("d", f"bank step {r['method']} N={n}",
                   f"{r['ms']:.2f} ms wall" + (f", {r['gpu_ms']:.2f} ms GPU" if s.cuda else "")
@@ -401,9 +399,9 @@ def part_d(s: Session) -> None:
     # the exact path is the reference; attention/fp32 (part a checks it against the exact path at
     # 20k) is left out on CUDA to keep the part short
     if s.fits("d", f"discovery N={n}", 10 if q else 75):
-        rows = discovery_scale.single(types.SimpleNamespace(
-            device=s.args.device, sizes=[n], dim=128, chunk="auto", banks=["structured"], rate=0.25,
-            released_max=0, loop_sample=0, skip=["attention/fp32"] if s.cuda else [], threads=0))
+        rows = discovery_scale.single(device=s.args.device, sizes=[n], dim=128, chunk="auto", banks=["structured"],
+                                      rate=0.25, released_max=0, loop_sample=0,
+                                      skip=["attention/fp32"] if s.cuda else [])
         for r in rows:
             s.add("d", f"discovery {r['method']} N={n} structured",
                   f"{r['seconds']:.2f} s, peak {r['peak_bytes'] / MiB:.0f} MiB beyond the bank, anchors equal "
@@ -517,8 +515,9 @@ def part_e(s: Session) -> None:
     rate, source = s.rates.get((arch, batch)), "part c"
     if rate is None:                       # part c did not measure it: a short measurement here
         import train_throughput as tt
-        rate = tt.run_case(arch, cfg.data.image_size, batch, 50_000 if not q else 256, s.args.device, "auto", False,
-                           2, 1 if q else 10, warmup=1 if q else 3, workers=0)["trainer"]
+        rate = tt.run_case(arch, cfg.data.image_size, batch, n=50_000 if not q else 256, device=s.args.device,
+                           precision_="auto", compile_=False, prefetch=2, steps=1 if q else 10,
+                           warmup=1 if q else 3, workers=0)["trainer"]
         source = "measured in part e"
     ckpt_s = checkpoint_seconds(s, cfg, train_n)
     more = dict(batch=batch, sync_every=cfg.log.every_steps, ckpt_every=cfg.checkpoint.every_epochs, ckpt_s=ckpt_s,
