@@ -48,7 +48,8 @@ def jpeg_tree(root: Path, classes: int, train: int, test: int, sizes) -> Path:
     return root
 
 
-def _tree(s: Session) -> Path:
+def imagenet_tree(s: Session) -> Path:
+    """Parts b and c's ImageNet-layout tree (AlexNet-BN on the torch loader), at the session's size."""
     if s.args.quick:
         return jpeg_tree(Path(s.args.work) / "tree", 2, 16, 6, [(120, 160), (160, 120)])
     return jpeg_tree(Path(s.args.work) / "tree", 10, 160, 20, [(375, 500), (500, 375), (333, 500), (500, 333)])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common import REPO, MiB
-from gpu_data import _tree, fidelity_data
+from gpu_data import fidelity_data, imagenet_tree
 
 if TYPE_CHECKING:
     from gpu_session import Session
@@ -276,7 +276,7 @@ def demo_stop_resume(s: Session) -> None:
 
 def alexnet_run(s: Session) -> None:
     t0 = time.time()
-    tree = _tree(s)
+    tree = imagenet_tree(s)
     made = time.time() - t0
     run = fresh(Path(s.args.work) / "alexnet")
     q = s.args.quick
@@ -327,7 +327,7 @@ def part_c(s: Session) -> None:
     q = s.args.quick
     if s.cuda:
         torch.backends.cudnn.benchmark = True
-    tree = str(_tree(s))
+    tree = str(imagenet_tree(s))
     cfg = fidelity_config(s)
     mine = (cfg.model.arch, cfg.data.image_size, cfg.train.batch_size, "")
     cases = [(*mine, False), ("alexnet_bn", 64, 4, tree, False)] if q else \
