@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from gpu_session import Session
 
 FULL_N = 1_281_167
-TIMEOUT = "time-out"
+TIMEOUT = "time-out"     # the status of an item that ran past its box (gpu_session.Session.add)
 COMMAND_S = 600          # the device tool's limit on one command
 MAX_BUDGET = 540         # what fits in it after the start-up, the table's writing and a margin
 RETURN_BYTES = 16 * MiB  # the largest file that comes back from the output folder
