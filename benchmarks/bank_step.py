@@ -189,8 +189,9 @@ def parent(args) -> None:
 
 # ------------------------------------------------------------- one device: fast vs exact vs released
 
-def single(args) -> list[dict]:
-    """One process on --device: the bank step with the attention fast path, with the exact path
+def single(*, device: str, sizes: list[int], steps: int, batch: int, dim: int, released_max: int,
+           threads: int = 0, profile: bool = False) -> list[dict]:
+    """One process on `device`: the bank step with the attention fast path, with the exact path
     and with the released code's replicated softmax (full logits + autograd), on one structured
     bank; time per step, peak memory beyond the bank, and agreement with the exact path."""
     import functools
@@ -204,12 +205,12 @@ def single(args) -> list[dict]:
     from and_dist.method.loss import and_loss, shard_terms
     from common import device_peak, measure, structured_rows
 
-    dev = torch.device(args.device)
-    if dev.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    timer = (lambda f: measure(f, args.steps, warmup=2))
-    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, batch {args.batch}, "
-          f"dim {args.dim}, structured bank, {args.steps} timed steps", flush=True)
+    dev = torch.device(device)
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    timer = (lambda f: measure(f, steps, warmup=2))
+    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, batch {batch}, "
+          f"dim {dim}, structured bank, {steps} timed steps", flush=True)
     head = (f"{'N':>8} {'method':<10} {'ms/step':>8} {'x exact':>8} {'GPU ms':>8} {'x exact':>8} "
             f"{'peak MiB':>9} {'|dloss|':>8} {'|dgrad|':>8}")
 
@@ -228,20 +229,20 @@ def single(args) -> list[dict]:
         return total / steps / 1e3
     print(head + "\n" + "-" * len(head))
     rows = []
-    for n in args.sizes:
+    for n in sizes:
         g = torch.Generator(device=dev).manual_seed(1)
         anchor = torch.rand(n, generator=g, device=dev) < 0.25
         neighbours = torch.randint(0, n, (n, 1), generator=g, device=dev)
-        idx = torch.randperm(n, generator=g, device=dev)[: args.batch]
-        feats0 = F.normalize(torch.randn(args.batch, args.dim, generator=g, device=dev), dim=1)
-        bank = ShardedBank(n, args.dim, device=dev)
-        start = structured_rows(n, args.dim, device=dev)
+        idx = torch.randperm(n, generator=g, device=dev)[:batch]
+        feats0 = F.normalize(torch.randn(batch, dim, generator=g, device=dev), dim=1)
+        bank = ShardedBank(n, dim, device=dev)
+        start = structured_rows(n, dim, device=dev)
         positives = positive_sets(idx, anchor, neighbours)
 
         def ours(fn):
             def step():
                 feats = feats0.clone().requires_grad_()
-                objective, losses, all_feats = and_loss(feats, positives, bank, [args.batch], 0.1, fn)
+                objective, losses, all_feats = and_loss(feats, positives, bank, [batch], 0.1, fn)
                 objective.backward()
                 bank.update(idx, all_feats)
                 return losses, feats.grad
@@ -261,7 +262,7 @@ def single(args) -> list[dict]:
         methods = {"attention": ours(shard_terms_attention), "exact": ours(shard_terms), "released": released}
         if dev.type == "cuda":
             methods["attn-sdpa"] = ours(functools.partial(shard_terms_attention, impl="sdpa"))
-        if n > args.released_max:
+        if n > released_max:
             methods.pop("released")
         results = {}
         for name, fn in methods.items():
@@ -271,7 +272,7 @@ def single(args) -> list[dict]:
             ms = timer(fn) * 1e3
             results[name] = (ms, gpu_ms(fn) if dev.type == "cuda" else float("nan"), peak,
                              losses.double(), grad.double())
-        if args.profile and dev.type == "cuda":
+        if profile and dev.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
             bank.rows.copy_(start)
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -314,7 +315,8 @@ def main() -> None:
     ap.add_argument("--method", choices=("sharded", "replicated"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device:
-        single(args)
+        single(device=args.device, sizes=args.sizes, steps=args.steps, batch=args.batch, dim=args.dim,
+               released_max=args.released_max, threads=args.threads, profile=args.profile)
     else:
         worker(args) if args.worker else parent(args)
 

@@ -185,8 +185,9 @@ def released(rows, k: int, count: int, T: float, loop_sample: int):
     return entropy.double().cpu(), anchors.cpu(), neighbours.cpu(), mask.cpu(), t1 - t0 + loop
 
 
-def single(args) -> list[dict]:
-    """One process on --device: each discovery kernel against the exact path and the released
+def single(*, device: str, sizes: list[int], dim: int, chunk, banks: list[str], rate: float, released_max: int,
+           loop_sample: int, skip=(), threads: int = 0) -> list[dict]:
+    """One process on `device`: each discovery kernel against the exact path and the released
     algorithm, on a structured bank (and a random one): seconds, peak memory beyond the bank and
     agreement with the exact path (anchors at rate x round, neighbours, entropy)."""
     import torch
@@ -196,39 +197,39 @@ def single(args) -> list[dict]:
     from and_dist.method.discovery import discover, fused_available
     from common import device_peak, structured_rows
 
-    dev = torch.device(args.device)
-    if dev.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
+    dev = torch.device(device)
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(threads)
     methods = [("exact", "fp32"), ("attention", "fp32")]
     if fused_available(dev):
         methods = [("fused", "bf16x3"), ("fused", "bf16"), *methods]
-    methods = [m for m in methods if f"{m[0]}/{m[1]}" not in args.skip]
+    methods = [m for m in methods if f"{m[0]}/{m[1]}" not in skip]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    print(f"device {name}, dim {args.dim}, T 0.1, k 1, anchors {args.rate:g} x round 1, chunk {args.chunk}",
+    print(f"device {name}, dim {dim}, T 0.1, k 1, anchors {rate:g} x round 1, chunk {chunk}",
           flush=True)
-    warm = ShardedBank(3000, args.dim, seed=1, device=dev)
+    warm = ShardedBank(3000, dim, seed=1, device=dev)
     for kernel, precision in methods:                                    # compile / warm up, untimed
         discover(warm, 0.1, k=1, chunk="auto", kernel=kernel, precision=precision)
     head = (f"{'N':>8} {'bank':<10} {'method':<16} {'seconds':>8} {'x exact':>8} {'peak MiB':>9} "
             f"{'anchors=':>9} {'nbrs=':>8} {'anc nbrs=':>9} {'max |dH|':>9}")
     print(head + "\n" + "-" * len(head), flush=True)
     out = []
-    for n in args.sizes:
-        for kind in args.banks:
-            bank = ShardedBank(n, args.dim, device=dev)
+    for n in sizes:
+        for kind in banks:
+            bank = ShardedBank(n, dim, device=dev)
             if kind == "structured":
-                bank.rows.copy_(structured_rows(n, args.dim, device=dev))
-            count = anchor_count(1, n, args.rate)
+                bank.rows.copy_(structured_rows(n, dim, device=dev))
+            count = anchor_count(1, n, rate)
             runs = {}
             for kernel, precision in methods:
                 t0 = time.perf_counter()
-                nb, peak = device_peak(dev, lambda: discover(bank, 0.1, k=1, chunk=args.chunk, kernel=kernel, precision=precision))
+                nb, peak = device_peak(dev, lambda: discover(bank, 0.1, k=1, chunk=chunk, kernel=kernel, precision=precision))
                 runs[f"{kernel}/{precision}"] = (time.perf_counter() - t0, peak, nb.entropy, nb.neighbours,
                                                  select_anchors(nb.entropy, count))
-            if n <= args.released_max:
+            if n <= released_max:
                 t0 = time.perf_counter()
                 (h, anchors, nbrs, mask, secs), peak = device_peak(
-                    dev, lambda: released(bank.rows, 1, count, 0.1, args.loop_sample))
+                    dev, lambda: released(bank.rows, 1, count, 0.1, loop_sample))
                 full = torch.full((n, 1), -1, dtype=torch.long)
                 full[anchors] = nbrs
                 runs["released"] = (secs, peak, h, full, mask)
@@ -275,8 +276,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device:
-        args.chunk = "auto" if args.chunk == 2048 and "--chunk" not in sys.argv else args.chunk
-        single(args)
+        single(device=args.device, sizes=args.sizes, dim=args.dim, banks=args.banks, rate=args.rate,
+               chunk="auto" if args.chunk == 2048 and "--chunk" not in sys.argv else args.chunk,
+               released_max=args.released_max, loop_sample=args.loop_sample, skip=args.skip, threads=args.threads)
     else:
         worker(args) if args.worker else parent(args)
 

@@ -37,7 +37,7 @@ def synthetic(n: int, size: int, seed: int):
                     torch.randint(0, 10, (n,), generator=g), [str(c) for c in range(10)])
 
 
-def build(arch: str, size: int, batch: int, n: int, device: str, precision_: str, compile_: bool,
+def build(arch: str, size: int, batch: int, *, n: int, device: str, precision_: str, compile_: bool,
           root: str = "", workers: int = 8):
     """The trainer's parts for one case: CachedData over synthetic images, or with `root` (an
     ImageFolder tree) the torch streaming loader over its JPEGs."""
@@ -94,7 +94,7 @@ def endless(data, epoch: int):
         yield from data.batches(0, epoch)
 
 
-def run_case(arch: str, size: int, batch: int, n: int, device: str, precision_: str = "auto",
+def run_case(arch: str, size: int, batch: int, *, n: int, device: str, precision_: str = "auto",
              compile_: bool = False, prefetch: int = 2, steps: int = 30, syncs: bool = False,
              root: str = "", warmup: int = 3, workers: int = 8) -> dict:
     """One case measured: images/s of the trainer (prefetch `prefetch` and 0), of the model's own
@@ -102,7 +102,8 @@ def run_case(arch: str, size: int, batch: int, n: int, device: str, precision_: 
     input-stall split (step_timer) and, with `syncs`, host syncs per step."""
     from and_dist.run.step_timer import StepTimer
     n = n if size <= 96 else max(n // 10, 4 * batch)
-    trainer, data, forward, opt, env = build(arch, size, batch, n, device, precision_, compile_, root, workers)
+    trainer, data, forward, opt, env = build(arch, size, batch, n=n, device=device, precision_=precision_,
+                                             compile_=compile_, root=root, workers=workers)
     timer = StepTimer(env.device)
     stream = iter(())
 
@@ -169,8 +170,8 @@ def main() -> None:
     print(head + "\n" + "-" * len(head), flush=True)
     for case in args.cases:
         arch, size, batch = case.split(":")
-        r = run_case(arch, int(size), int(batch), args.n, args.device, args.precision, args.compile,
-                     args.prefetch, args.steps, syncs=cuda)
+        r = run_case(arch, int(size), int(batch), n=args.n, device=args.device, precision_=args.precision,
+                     compile_=args.compile, prefetch=args.prefetch, steps=args.steps, syncs=cuda)
         print(f"{arch:<15} {size:>4} {batch:>6} {r['trainer']:>14.0f} {r['model']:>12.0f} "
               f"{r['ratio']:>13.3f} {r['syncs']:>10.1f}", flush=True)
         print(f"    prefetch {args.prefetch} against 0: {r['trainer'] / r['serial']:.2f}x ({r['serial']:.0f} img/s "

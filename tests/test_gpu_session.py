@@ -57,7 +57,7 @@ def test_the_session_runs_every_part_on_the_cpu_and_writes_its_table(tmp_path):
 
 def test_the_fidelity_projection():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from gpu_session import fitting_epochs, project
+    from gpu_parts import fitting_epochs, project
     # 200 epochs of 50,000 at 25,000 img/s: 400 s; 11 kNN passes over 10,000 and one over 50,000 at
     # twice that rate: 3.2 s; and the start
     assert abs(project(25_000, 200, 50_000, 10_000, 20, 60) - (60 + 400 + 160_000 / 50_000)) < 1e-9
@@ -108,7 +108,7 @@ def test_the_repository_and_the_gpu_carry_stay_under_60_mib(tmp_path):
     total = _tracked_bytes() + archive.stat().st_size
     assert total < LIMIT, f"{total / 2**20:.1f} MiB would travel"
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from gpu_session import unpacked
+    from gpu_data import unpacked
     from and_dist.data.sources.pack import open_pack
     train, test = open_pack(str(unpacked(archive, tmp_path / "carry")), None, 2, log=lambda *_: None)
     assert (len(train), len(test)) == (50_000, 10_000)
@@ -192,7 +192,7 @@ def test_a_missing_or_damaged_carry_is_refused_in_seconds(tmp_path, capsys):
 
 def test_the_projection_counts_syncs_checkpoints_and_the_recompile():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from gpu_session import MAX_BUDGET, alone, project
+    from gpu_parts import MAX_BUDGET, alone, project
     base = project(25_000, 200, 50_000, 10_000, 20, 60)
     more = dict(batch=512, sync_every=10, ckpt_every=10, ckpt_s=1.5, once=30.0)
     # 98 steps an epoch: 9.8 loss reads + 1 epoch sync, each a step of 512 images; 21 checkpoints
