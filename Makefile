@@ -8,6 +8,11 @@ UV_VERSION := 0.13.9
 # /opt/wheels holds the local CPU torch wheel where present; PyPI serves the rest.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
+# Two test workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one
+# worker): most tests run one single-threaded process, so a second worker fills the second core.
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 .PHONY: .venv demo test test-fast bench
 
 .venv: $(STAMP)
@@ -22,11 +27,11 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m and_dist.train --config demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=25 tests
+	$(PYTEST) --durations=25 tests
 
 # the in-process checks of the method, the trainer and evaluation (no process started): minutes, not a quarter hour
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=10 tests
+	$(PYTEST) -m "not slow" --durations=10 tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/discovery.py
