@@ -1,12 +1,14 @@
 """The one reader of a checkpoint's contents (run/contents.RunState) against what the trainer that
 saved it held: config, progress, weights, log state and the bank, whole and in slices that cross
-the saved parts. One small in-process run; the bank split in parts as three ranks would save it."""
+the saved parts; and the one reader of metrics events (platform/log.read_events). One small
+in-process run; the bank split in parts as three ranks would save it."""
 import json
 
 import torch
 
 from helpers import train_here
 
+from and_dist.platform.log import read_events
 from and_dist.run import checkpoint
 from and_dist.run.contents import RunState
 
@@ -52,3 +54,14 @@ def test_bank_slices_are_cut_from_every_saved_part(tmp_path):
         assert "40 rows" in str(e) and "41 samples" in str(e)
     (tmp_path / checkpoint.MANIFEST).write_text('{"files": {"state.pt": {}}}')
     assert RunState(tmp_path).bank_slice(40, 0, 40) is None and RunState(tmp_path).bank_rows() is None
+
+
+def test_read_events_filters_by_kind_and_skips_a_line_being_written(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert read_events(run) == [] and read_events(run, "epoch") == []          # no file yet
+    lines = [{"event": "epoch", "round": 0, "loss": 2.0}, {"event": "knn", "round": 0}, {"event": "epoch", "round": 1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"event": "epo')
+    assert read_events(run) == lines
+    assert read_events(run, "epoch") == [lines[0], lines[2]]
+    assert read_events(run, "knn", "epoch") == lines and read_events(run, "round") == []
