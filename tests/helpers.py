@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import random
 import socket
 import struct
 from pathlib import Path
@@ -17,10 +18,21 @@ WORKERS = TESTS / "workers"          # scripts the multi-process tests start und
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now, for a torchrun rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on now, for a torchrun rendezvous: from 10000-14999, below both
+    Linux's ephemeral ports (no other process is handed one by chance) and the SLURM jobs'
+    (cluster.py: 15000 + job id), and under pytest-xdist (make test runs two workers) from a block
+    of its own per worker, so two workers never pick the same port for rendezvous started at once."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    span = 5000 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    block = range(10000 + worker * span, 10000 + (worker + 1) * span)
+    for port in random.sample(block, len(block)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {block}")
 
 
 def jpeg(rng, cls: int, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
