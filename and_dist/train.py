@@ -90,8 +90,9 @@ def build_trainer(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) ->
     if env.is_main:
         save_config(cfg, run / "config.yaml")
     if ckpt is not None:
-        checkpoint.load(ckpt, {k: v for k, v in trainer.checkpoint_owners().items() if k != "log"})
-        log.load_state_dict(_log_state(cfg, run, ckpt, trainer.progress))
+        saved = RunState(ckpt)                 # state.pt read once, for the owners and the log
+        saved.restore({k: v for k, v in trainer.checkpoint_owners().items() if k != "log"})
+        log.load_state_dict(_log_state(cfg, run, saved, trainer.progress))
     _banner(log, cfg, env, run, data, ckpt, trainer.progress, source)
     if not labelled(data):
         log.info(f"data.source={cfg.data.source} has no labels: the kNN evaluation is skipped "
@@ -100,7 +101,7 @@ def build_trainer(cfg: Config, env, run: Path, ckpt: Path | None, stop: Stop) ->
     return trainer
 
 
-def _log_state(cfg, run: Path, ckpt: Path, p: Progress) -> dict:
+def _log_state(cfg, run: Path, saved: RunState, p: Progress) -> dict:
     """The metrics lines to keep on resume: the training checkpoint's, or, once training is done
     and `after_train` probes of these weights were checkpointed, the later probe checkpoint's."""
     probe = checkpoint.find_latest(run / "probes" / "checkpoints") if cfg.probe.after_train else None
@@ -108,7 +109,7 @@ def _log_state(cfg, run: Path, ckpt: Path, p: Progress) -> dict:
         later = RunState(probe)
         if later.progress["source"].get("pretrain_step") == p.global_step and later.log is not None:
             return later.log
-    return RunState(ckpt).log
+    return saved.log
 
 
 def _banner(log, cfg, env, run, data, ckpt, p, source) -> None:

@@ -105,12 +105,13 @@ class Prober(Loop):
         if ckpt is None:
             self.log.info(f"probes: fresh start; layers {', '.join(f'{n} ({d})' for n, d in self.taps.dims.items())}")
             return
-        have = RunState(ckpt).progress["source"]
+        saved = RunState(ckpt)
+        have = saved.progress["source"]
         for key, value in self.progress.source.items():      # before any owner takes a state
             if have.get(key) != value:
                 raise UserError(f"{ckpt} holds probes with {key}={have.get(key)!r}, this run asks for "
                                 f"{value!r}; use the same setting or remove {self.out / 'probes'} to probe again")
-        checkpoint.load(ckpt, self.checkpoint_owners())      # "log" is missing in older ones: it stays fresh
+        saved.restore(self.checkpoint_owners())             # "log" is missing in older ones: it stays fresh
         p = self.progress
         self.log.info(f"probes: resuming {ckpt} at epoch {p.epoch} step {p.step}")
 

@@ -266,10 +266,11 @@ def sharded_parts(path: Path, key: str) -> list[Path]:
     return [path / n for n in sorted(listed) if n.startswith(f"{key}-") and n.endswith(".pt")]
 
 
-def load(path: Path, owners: dict) -> None:
+def load(path: Path, owners: dict, state: dict | None = None) -> None:
     """Restore every owner that the checkpoint holds; owners it lacks keep their state. The
-    sharded parts are the ones its manifest lists (`resolve`/`find_latest` verified them)."""
-    state = read_state(path)
+    sharded parts are the ones its manifest lists (`resolve`/`find_latest` verified them).
+    `state`: the replicated states, when the caller has read them already (contents.RunState)."""
+    state = read_state(path) if state is None else state
     for key, owner in owners.items():
         if getattr(owner, "sharded", False):
             parts = (torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in sharded_parts(path, key))

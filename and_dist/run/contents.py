@@ -54,6 +54,10 @@ class RunState:
         """The metrics log's state (lines written, wandb run id); None in checkpoints made before it."""
         return self.state.get("log")
 
+    def restore(self, owners: dict) -> None:
+        """Load `owners` from this checkpoint (checkpoint.load), reading `state.pt` no second time."""
+        checkpoint.load(self.path, owners, self.state)
+
     def bank_files(self) -> list[Path]:
         return checkpoint.sharded_parts(self.path, BANK)
 
