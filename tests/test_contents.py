@@ -2,12 +2,14 @@
 saved it held: config, progress, weights, log state and the bank, whole and in slices that cross
 the saved parts; and the one reader of metrics events (platform/log.read_events). One small
 in-process run; the bank split in parts as three ranks would save it."""
+import copy
 import json
 
 import torch
 
 from helpers import train_here
 
+from and_dist.method.bank import ShardedBank
 from and_dist.platform.log import read_events
 from and_dist.run import checkpoint
 from and_dist.run.contents import RunState
@@ -31,6 +33,12 @@ def test_run_state_reads_back_what_the_trainer_saved(tmp_path):
     rows = trainer.bank.state_dict()["rows"]
     assert saved.bank_rows() == 40 and len(saved.bank_files()) == 1
     assert torch.equal(saved.bank_slice(40, 0, 40), rows)
+    model, bank = copy.deepcopy(trainer.model), ShardedBank(40, trainer.bank.dim, momentum=0.3, seed=7)
+    for t in model.state_dict().values():
+        t.zero_()
+    saved.restore({"model": model, "bank": bank})                  # what a resume does, state.pt read once
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.equal(bank.state_dict()["rows"], rows)
 
 
 def test_bank_slices_are_cut_from_every_saved_part(tmp_path):
